@@ -1,0 +1,182 @@
+"""One Config object, built from command-line flags > PULUMID_* environment variables > defaults.
+
+`twistd pulumid --help` shows every flag with its environment variable and effective default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from twisted.python import usage
+
+MIB = 1024 * 1024
+_OWNER = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9-_]{1,38}[a-zA-Z0-9]$")
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: tuple[str, ...] = ("tcp:8080:interface=127.0.0.1",)
+    database: Path = Path("pulumid.db")
+    token: str = ""
+    master_key: str | None = None
+    organization: str = "organization"
+    user: str = "admin"
+    lease_ttl: float = 300.0
+    event_flush_interval: float = 1.0
+    state_versions: int = 100
+    max_body_size: int = 256 * MIB
+    page_size: int = 100
+    sync_commits: bool = False
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise ValueError(f"must be positive, not {value}")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"must not be negative, not {value}")
+    return number
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError(f"must be positive, not {value}")
+    return number
+
+
+def _read_file(path: str) -> str:
+    return Path(path).read_text().strip()
+
+
+# name, default, coercer, help
+_PARAMETERS: list[tuple[str, Any, Callable[[str], Any] | None, str]] = [
+    ("database", "pulumid.db", None, "Path of the SQLite database file"),
+    ("token", None, None, "The single-tenant access token the CLI logs in with (required)"),
+    ("token-file", None, None, "Read the access token from this file instead"),
+    (
+        "master-key",
+        None,
+        None,
+        "Secrets master key, 64 hex characters; generated and printed once when absent",
+    ),
+    ("master-key-file", None, None, "Read the master key from this file instead"),
+    ("organization", "organization", None, "Default organization name"),
+    ("user", "admin", None, "The user name the token logs in as"),
+    ("lease-ttl", 300.0, _positive_float, "Seconds an update lease lives without renewal"),
+    ("event-flush-interval", 1.0, _positive_float, "Seconds between engine-event flushes"),
+    (
+        "state-versions",
+        100,
+        _non_negative_int,
+        "State versions kept per stack for export --version (0 keeps all)",
+    ),
+    (
+        "max-body-size",
+        256 * MIB,
+        _positive_int,
+        "Largest request body accepted, in bytes after decompression",
+    ),
+    ("page-size", 100, _positive_int, "Stacks per page of stack listings"),
+]
+
+
+def env_name(option: str) -> str:
+    return "PULUMID_" + option.upper().replace("-", "_")
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class Options(usage.Options):
+    optParameters = [
+        [name, None, default, text, coerce] for name, default, coerce, text in _PARAMETERS
+    ]
+    optFlags = [
+        [
+            "sync-commits",
+            None,
+            "fsync every commit, so acknowledged writes survive power loss (slower)",
+        ]
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        for name, _default, coerce, _text in _PARAMETERS:
+            var = env_name(name)
+            self.docs[name] = f"{self.docs.get(name, '')} (env {var})"
+            raw = os.environ.get(var)
+            if raw is None:
+                continue
+            try:
+                value = coerce(raw) if coerce else raw
+            except ValueError as e:
+                raise usage.UsageError(f"{var}: {e}") from e
+            self[name] = self.defaults[name] = value
+        sync = os.environ.get(env_name("sync-commits"))
+        self.docs["sync-commits"] += f" (env {env_name('sync-commits')})"
+        if sync is not None:
+            if sync.lower() not in _TRUE | _FALSE:
+                raise usage.UsageError(f"{env_name('sync-commits')}: not a boolean: {sync}")
+            self["sync-commits"] = sync.lower() in _TRUE
+
+    def opt_listen(self, value: str) -> None:
+        """API listener, a Twisted endpoint description; may be repeated
+        (env PULUMID_LISTEN, comma-separated) [default: tcp:8080:interface=127.0.0.1]"""
+        self["listen"].append(value)
+
+    def postOptions(self) -> None:
+        self.config = build_config(self)
+
+
+def build_config(opts: usage.Options | dict[str, Any]) -> Config:
+    listen = list(opts["listen"]) if opts.get("listen") else []
+    if not listen:
+        env_listen = os.environ.get(env_name("listen"), "tcp:8080:interface=127.0.0.1")
+        listen = [part.strip() for part in env_listen.split(",") if part.strip()]
+    token = opts.get("token")
+    if opts.get("token-file"):
+        token = _read_file(opts["token-file"])
+    if not token:
+        raise usage.UsageError(
+            "an access token is required: pass --token (or --token-file), or set PULUMID_TOKEN"
+        )
+    if len(token) < 8:
+        raise usage.UsageError("the access token must be at least 8 characters long")
+    master_key = opts.get("master-key")
+    if opts.get("master-key-file"):
+        master_key = _read_file(opts["master-key-file"])
+    if master_key is not None and not _HEX64.match(master_key):
+        raise usage.UsageError("the master key must be exactly 64 hexadecimal characters")
+    for what in ("organization", "user"):
+        if not _OWNER.match(str(opts[what])):
+            raise usage.UsageError(
+                f"--{what} must be 3-40 letters, digits, '-' or '_', not {opts[what]!r}"
+            )
+    return Config(
+        listen=tuple(listen),
+        database=Path(opts["database"]),
+        token=token,
+        master_key=master_key.lower() if master_key else None,
+        organization=opts["organization"],
+        user=opts["user"],
+        lease_ttl=float(opts["lease-ttl"]),
+        event_flush_interval=float(opts["event-flush-interval"]),
+        state_versions=int(opts["state-versions"]),
+        max_body_size=int(opts["max-body-size"]),
+        page_size=int(opts["page-size"]),
+        sync_commits=bool(opts.get("sync-commits")),
+    )

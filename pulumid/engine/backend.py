@@ -1,0 +1,393 @@
+"""The domain: stacks, updates and their leases, checkpoints, history, export and import.
+
+Free of HTTP and SQL: it talks to a Store, reads time from an injected clock and sends
+blocking work (big JSON, gzip) to the CPU runner.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets as pysecrets
+import uuid
+from dataclasses import replace
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from pulumid.config import Config
+from pulumid.engine import deployments
+from pulumid.engine.events import EventBuffer
+from pulumid.engine.rename import rename_deployment
+from pulumid.engine.secrets import StackSecrets
+from pulumid.errors import BadRequest, Conflict, NotFound
+from pulumid.storage.interface import Store
+from pulumid.storage.records import StackRecord, StackRef, StateBlob, StoredEvent, UpdateRecord
+from pulumid.threads import Runner
+
+STACK_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+PROJECT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+TAG_NAME = re.compile(r"^[a-zA-Z0-9-_.:]{1,40}$")
+UPDATE_KINDS = ("update", "preview", "refresh", "destroy")
+COMPLETE_STATUSES = ("succeeded", "failed", "cancelled")
+EVENTS_PAGE = 100
+
+
+def validate_ref(ref: StackRef) -> None:
+    if not PROJECT_NAME.match(ref.project):
+        raise BadRequest(f"Bad Request: invalid project name {ref.project!r}")
+    if not STACK_NAME.match(ref.name):
+        raise BadRequest(
+            f"Bad Request: invalid stack name {ref.name!r}: use 1-100 letters, digits, "
+            "'-', '_' or '.'"
+        )
+
+
+def validate_tags(tags: Any) -> dict[str, str]:
+    if not isinstance(tags, dict):
+        raise BadRequest("Bad Request: tags must be a JSON object of strings")
+    for name, value in tags.items():
+        if not TAG_NAME.match(name):
+            raise BadRequest(f"Bad Request: invalid tag name {name!r}")
+        if not isinstance(value, str) or len(value) > 256:
+            raise BadRequest(f"Bad Request: tag {name!r} must be a string of at most 256 chars")
+    return dict(tags)
+
+
+class Backend:
+    log = Logger()
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        clock: IReactorTime,
+        cpu: Runner,
+        secrets: StackSecrets,
+        events: EventBuffer,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.cpu = cpu
+        self.secrets = secrets
+        self.events = events
+
+    # -- identity -------------------------------------------------------------------------
+
+    @property
+    def owners(self) -> list[str]:
+        return [self.config.organization, self.config.user]
+
+    def check_owner(self, org: str) -> None:
+        if org not in self.owners:
+            raise NotFound(f"Not Found: organization '{org}' not found")
+
+    # -- stacks ---------------------------------------------------------------------------
+
+    async def stack(self, ref: StackRef) -> StackRecord:
+        self.check_owner(ref.org)
+        stack = await self.store.get_stack(ref)
+        if stack is None:
+            raise NotFound(f"Not Found: stack '{ref}' not found")
+        return stack
+
+    async def create_stack(self, org: str, project: str, body: dict[str, Any]) -> StackRecord:
+        name = body.get("stackName")
+        if not isinstance(name, str):
+            raise BadRequest("Bad Request: 'stackName' is required")
+        ref = StackRef(org, project, name)
+        self.check_owner(org)
+        validate_ref(ref)
+        tags = validate_tags(body.get("tags") or {})
+        if body.get("teams"):
+            raise BadRequest("Bad Request: teams are not supported by this server")
+        if body.get("config"):
+            raise BadRequest("Bad Request: service-managed stack config is not supported")
+        initial = None
+        if body.get("state") is not None:
+            initial = await self.cpu.run(
+                deployments.untyped_state_from_value_blocking, body["state"]
+            )
+        return await self.store.create_stack(ref, tags, self.clock.seconds(), initial)
+
+    async def list_stacks(
+        self,
+        org: str | None,
+        project: str | None,
+        tag_name: str | None,
+        tag_value: str | None,
+        continuation: str | None,
+    ) -> tuple[list[StackRecord], str | None]:
+        orgs = self.owners if org is None else [org]
+        if org is not None and org not in self.owners:
+            return [], None
+        after = 0
+        if continuation:
+            if not continuation.isdigit():
+                raise BadRequest("Bad Request: invalid continuation token")
+            after = int(continuation)
+        size = self.config.page_size
+        stacks = await self.store.list_stacks(orgs, project, tag_name, tag_value, after, size + 1)
+        if len(stacks) > size:
+            return stacks[:size], str(stacks[size - 1].id)
+        return stacks, None
+
+    async def project_exists(self, org: str, project: str) -> bool:
+        self.check_owner(org)
+        return await self.store.project_exists(org, project)
+
+    async def delete_stack(self, ref: StackRef, force: bool) -> None:
+        stack = await self.stack(ref)
+        await self.store.delete_stack(stack.id, force)
+        self.secrets.forget(stack.id)
+
+    async def set_tags(self, ref: StackRef, tags: Any) -> None:
+        stack = await self.stack(ref)
+        await self.store.set_tags(stack.id, validate_tags(tags))
+
+    async def rename_stack(self, ref: StackRef, new_project: str, new_name: str) -> None:
+        stack = await self.stack(ref)
+        new_ref = StackRef(ref.org, new_project or ref.project, new_name or ref.name)
+        validate_ref(new_ref)
+        if new_ref == ref:
+            raise BadRequest("Bad Request: the new name is the same as the current one")
+        state = await self.store.get_state(stack.id, None)
+        new_state = None
+        update = None
+        if state is not None:
+            new_state = await self.cpu.run(self._renamed_state_blocking, state, ref, new_ref)
+            now = self.clock.seconds()
+            update = UpdateRecord(
+                id=str(uuid.uuid4()),
+                stack_id=stack.id,
+                kind="rename",
+                dry_run=False,
+                status="succeeded",
+                version=stack.version + 1,
+                program={},
+                config={},
+                metadata={"message": f"Renamed from {ref}", "environment": {}},
+                created=now,
+                start_time=now,
+                end_time=now,
+                requested_by=self.config.user,
+            )
+        await self.store.rename_stack(
+            stack.id, new_ref, stack.version, new_state, update, self.config.state_versions
+        )
+
+    @staticmethod
+    def _renamed_state_blocking(state: StateBlob, old: StackRef, new: StackRef) -> StateBlob:
+        document = deployments.parse_state_blocking(state)
+        if isinstance(document.get("deployment"), dict):
+            document["deployment"] = rename_deployment(
+                document["deployment"],
+                old_project=old.project,
+                old_stack=old.name,
+                new_project=new.project,
+                new_stack=new.name,
+                owner=new.org,
+            )
+        return deployments.untyped_state_from_value_blocking(document)
+
+    # -- export / import ------------------------------------------------------------------
+
+    async def export(self, ref: StackRef, version: int | None) -> StateBlob:
+        stack = await self.stack(ref)
+        if version is not None:
+            if version < 1 or version > stack.version:
+                raise NotFound(f"Not Found: stack '{ref}' has no version {version}")
+            state = await self.store.get_state(stack.id, version)
+            if state is None:
+                raise NotFound(f"Not Found: version {version} of stack '{ref}' is no longer kept")
+            return state
+        state = await self.store.get_state(stack.id, None)
+        if state is None:
+            return StateBlob(deployments.gzip_blocking(deployments.EMPTY_DEPLOYMENT), 0)
+        return state
+
+    async def import_state(self, ref: StackRef, body: bytes) -> str:
+        stack = await self.stack(ref)
+        state = await self.cpu.run(deployments.untyped_state_blocking, body)
+        now = self.clock.seconds()
+        update = UpdateRecord(
+            id=str(uuid.uuid4()),
+            stack_id=stack.id,
+            kind="import",
+            dry_run=False,
+            status="succeeded",
+            version=0,
+            program={},
+            config={},
+            metadata={"message": "", "environment": {}},
+            created=now,
+            start_time=now,
+            end_time=now,
+            requested_by=self.config.user,
+        )
+        await self.store.import_state(update, state, self.config.state_versions)
+        return update.id
+
+    # -- updates --------------------------------------------------------------------------
+
+    async def _update_of(self, ref: StackRef, update_id: str) -> tuple[StackRecord, UpdateRecord]:
+        stack = await self.stack(ref)
+        update = await self.store.get_update(update_id)
+        if update is None or update.stack_id != stack.id:
+            raise NotFound(f"Not Found: update '{update_id}' not found")
+        return stack, update
+
+    async def create_update(self, ref: StackRef, kind: str, body: dict[str, Any]) -> str:
+        stack = await self.stack(ref)
+        options = body.get("options") or {}
+        config = body.get("config") or {}
+        metadata = body.get("metadata") or {}
+        if (
+            not isinstance(options, dict)
+            or not isinstance(config, dict)
+            or not isinstance(metadata, dict)
+        ):
+            raise BadRequest("Bad Request: 'options', 'config' and 'metadata' must be objects")
+        dry_run = bool(options.get("dryRun")) or kind == "preview"
+        program = {k: body.get(k, "") for k in ("name", "runtime", "main", "description")}
+        update = UpdateRecord(
+            id=str(uuid.uuid4()),
+            stack_id=stack.id,
+            kind=kind,
+            dry_run=dry_run,
+            status="not-started",
+            version=stack.version,
+            program=program,
+            config=config,
+            metadata=metadata,
+            created=self.clock.seconds(),
+            requested_by=self.config.user,
+        )
+        await self.store.create_update(update)
+        return update.id
+
+    async def start_update(
+        self, ref: StackRef, update_id: str, body: dict[str, Any]
+    ) -> UpdateRecord:
+        await self._update_of(ref, update_id)
+        tags = body.get("tags")
+        if tags is not None:
+            tags = validate_tags(tags)
+        now = self.clock.seconds()
+        # Journaling is the next milestone: answer with checkpoints for now.
+        return await self.store.start_update(
+            update_id, pysecrets.token_urlsafe(32), now, now + self.config.lease_ttl, tags, 0
+        )
+
+    async def renew_lease(self, ref: StackRef, update_id: str, token: str, duration: Any) -> float:
+        await self._update_of(ref, update_id)
+        if (
+            not isinstance(duration, int | float)
+            or isinstance(duration, bool)
+            or not (0 <= duration <= 300)
+        ):
+            raise BadRequest("Bad Request: duration must be between 0 and 300 seconds")
+        now = self.clock.seconds()
+        # The CLI asks for 300 s; the configured TTL caps it so a dead CLI frees the stack.
+        expires = now + min(float(duration) or self.config.lease_ttl, self.config.lease_ttl)
+        await self.store.renew_lease(update_id, token, now, expires)
+        return expires
+
+    async def checkpoint(
+        self, ref: StackRef, update_id: str, token: str, body: bytes, verbatim: bool
+    ) -> None:
+        await self._update_of(ref, update_id)
+        # Validate the lease before the expensive parse.
+        await self.store.check_lease(update_id, token, self.clock.seconds())
+        if verbatim:
+            state, _sequence = await self.cpu.run(deployments.verbatim_state_blocking, body)
+        else:
+            state = await self.cpu.run(deployments.checkpoint_state_blocking, body)
+        await self.store.save_checkpoint(update_id, token, self.clock.seconds(), state)
+
+    async def post_events(self, ref: StackRef, update_id: str, token: str, body: Any) -> None:
+        await self._update_of(ref, update_id)
+        await self.store.check_lease(update_id, token, self.clock.seconds())
+        events = body.get("events") if isinstance(body, dict) else None
+        if not isinstance(events, list) or not events:
+            raise BadRequest("Bad Request: No events provided.")
+        for event in events:
+            if not isinstance(event, dict) or not isinstance(event.get("sequence"), int):
+                raise BadRequest("Bad Request: every event needs an integer 'sequence'")
+        await self.events.add(update_id, events)
+
+    async def complete(self, ref: StackRef, update_id: str, token: str, status: Any) -> None:
+        await self._update_of(ref, update_id)
+        if status not in COMPLETE_STATUSES:
+            raise BadRequest(f"Bad Request: unknown update status {status!r}")
+        # Events are durable before the update is marked finished.
+        await self.events.flush()
+        await self.store.complete_update(
+            update_id, token, self.clock.seconds(), status, self.config.state_versions
+        )
+
+    async def cancel(self, ref: StackRef, update_id: str) -> None:
+        await self._update_of(ref, update_id)
+        await self.events.flush()
+        await self.store.cancel_update(update_id, self.clock.seconds())
+
+    async def update_status(self, ref: StackRef, update_id: str) -> UpdateRecord:
+        _stack, update = await self._update_of(ref, update_id)
+        return update
+
+    async def get_events(
+        self, ref: StackRef, update_id: str, continuation: str | None
+    ) -> tuple[list[StoredEvent], str | None]:
+        _stack, update = await self._update_of(ref, update_id)
+        after = -1
+        if continuation:
+            try:
+                after = int(continuation)
+            except ValueError:
+                raise BadRequest("Bad Request: Invalid continuation token.") from None
+        await self.events.flush()
+        events = await self.store.get_events(update_id, after, EVENTS_PAGE)
+        last = events[-1].sequence if events else after
+        finished = update.status not in ("running", "not-started")
+        if finished and len(events) < EVENTS_PAGE:
+            return events, None
+        return events, str(last)
+
+    async def history(self, ref: StackRef, page: int, page_size: int) -> list[UpdateRecord]:
+        stack = await self.stack(ref)
+        if page < 1 or page_size < 1:
+            raise BadRequest("Bad Request: page and pageSize must be positive")
+        return await self.store.list_history(stack.id, page, min(page_size, 1000))
+
+    async def latest(self, ref: StackRef) -> UpdateRecord:
+        updates = await self.history(ref, 1, 1)
+        if not updates:
+            raise NotFound(f"Not Found: stack '{ref}' has no updates")
+        return updates[0]
+
+    async def expire_leases(self) -> list[str]:
+        expired = await self.store.expire_leases(self.clock.seconds())
+        for update_id in expired:
+            self.log.info("lease of update {update_id} expired", update_id=update_id)
+        return expired
+
+    # -- secrets --------------------------------------------------------------------------
+
+    async def _secrets_stack(self, ref: StackRef) -> StackRecord:
+        self.check_owner(ref.org)
+        stack = await self.store.get_stack_or_alias(ref)
+        if stack is None:
+            raise NotFound(f"Not Found: stack '{ref}' not found")
+        return stack
+
+    async def encrypt(self, ref: StackRef, plaintexts: list[bytes]) -> list[bytes]:
+        stack = await self._secrets_stack(ref)
+        return await self.secrets.encrypt(stack.id, plaintexts)
+
+    async def decrypt(self, ref: StackRef, ciphertexts: list[bytes]) -> list[bytes]:
+        stack = await self._secrets_stack(ref)
+        return await self.secrets.decrypt(stack.id, ciphertexts)
+
+
+__all__ = ["UPDATE_KINDS", "Backend", "Conflict", "replace"]

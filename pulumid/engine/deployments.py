@@ -1,0 +1,157 @@
+"""Deployment documents: parsing request bodies into the exact bytes we store.
+
+Stored states are UntypedDeployment texts, gzip-compressed. We never re-serialise what the CLI
+sent: the bytes are sliced out of the request so later byte-offset deltas stay valid.
+These functions are blocking (big JSON, gzip) and run on the CPU pool.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from typing import Any
+
+from pulumid.errors import BadRequest, TooLarge
+from pulumid.storage.records import StateBlob
+
+EMPTY_DEPLOYMENT = (
+    b'{"version":3,"deployment":{"manifest":{"time":"0001-01-01T00:00:00Z",'
+    b'"magic":"","version":""},"resources":null}}'
+)
+
+_decoder = json.JSONDecoder()
+
+
+def gzip_blocking(data: bytes, level: int = 1) -> bytes:
+    compressor = zlib.compressobj(level, zlib.DEFLATED, 31)
+    return compressor.compress(data) + compressor.flush()
+
+
+def gunzip_blocking(data: bytes, limit: int) -> bytes:
+    """Decompress gzip, refusing to grow past `limit` bytes (a gzip bomb stays small)."""
+    decompressor = zlib.decompressobj(47)  # gzip or zlib header
+    try:
+        out = decompressor.decompress(data, limit + 1)
+    except zlib.error:
+        raise BadRequest("Bad Request: the request body is not valid gzip") from None
+    if len(out) > limit or decompressor.unconsumed_tail:
+        raise TooLarge(f"Payload Too Large: the request body exceeds {limit} bytes")
+    return out
+
+
+def load_json_blocking(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("Bad Request: the request body is not valid JSON") from None
+
+
+def raw_members(text: str) -> dict[str, tuple[Any, str]]:
+    """Top-level members of a JSON object: key -> (decoded value, exact source text)."""
+    members: dict[str, tuple[Any, str]] = {}
+    i = _skip(text, 0)
+    if i >= len(text) or text[i] != "{":
+        raise BadRequest("Bad Request: expected a JSON object")
+    i = _skip(text, i + 1)
+    if i < len(text) and text[i] == "}":
+        return members
+    while True:
+        key, i = _decoder.raw_decode(text, i)
+        if not isinstance(key, str):
+            raise BadRequest("Bad Request: expected a JSON object")
+        i = _skip(text, i)
+        if i >= len(text) or text[i] != ":":
+            raise BadRequest("Bad Request: malformed JSON object")
+        start = _skip(text, i + 1)
+        value, i = _decoder.raw_decode(text, start)
+        members[key] = (value, text[start:i])
+        i = _skip(text, i)
+        if i < len(text) and text[i] == ",":
+            i = _skip(text, i + 1)
+            continue
+        if i < len(text) and text[i] == "}":
+            return members
+        raise BadRequest("Bad Request: malformed JSON object")
+
+
+def _skip(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\r\n":
+        i += 1
+    return i
+
+
+def _members(body: bytes) -> dict[str, tuple[Any, str]]:
+    try:
+        return raw_members(body.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("Bad Request: the request body is not valid JSON") from None
+
+
+def count_resources(deployment: Any) -> int:
+    if not isinstance(deployment, dict):
+        raise BadRequest("Bad Request: 'deployment' must be a JSON object")
+    resources = deployment.get("resources") or []
+    if not isinstance(resources, list):
+        raise BadRequest("Bad Request: 'deployment.resources' must be a list")
+    return len(resources)
+
+
+def _check_version(version: Any) -> int:
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= 4:
+        raise BadRequest("Bad Request: deployment version must be an integer from 1 to 4")
+    return version
+
+
+def untyped_state_blocking(body: bytes) -> StateBlob:
+    """An UntypedDeployment body (import, create-with-state): stored as sent."""
+    members = _members(body)
+    _check_version(members.get("version", (None, ""))[0])
+    if "deployment" not in members:
+        raise BadRequest("Bad Request: missing 'deployment'")
+    count = count_resources(members["deployment"][0])
+    return StateBlob(gzip_blocking(body.strip()), count)
+
+
+def untyped_state_from_value_blocking(value: Any) -> StateBlob:
+    """An UntypedDeployment already decoded (embedded in a larger JSON request)."""
+    if not isinstance(value, dict):
+        raise BadRequest("Bad Request: 'state' must be a JSON object")
+    _check_version(value.get("version"))
+    count = count_resources(value.get("deployment"))
+    text = json.dumps(value, separators=(",", ":")).encode()
+    return StateBlob(gzip_blocking(text), count)
+
+
+def checkpoint_state_blocking(body: bytes) -> StateBlob:
+    """PATCH .../checkpoint: {"isInvalid", "version", "features"?, "deployment"}."""
+    members = _members(body)
+    version = _check_version(members.get("version", (None, ""))[0])
+    if "deployment" not in members:
+        raise BadRequest("Bad Request: missing 'deployment'")
+    deployment, deployment_text = members["deployment"]
+    count = count_resources(deployment)
+    parts = [f'{{"version":{version}']
+    if "features" in members and members["features"][0] is not None:
+        parts.append(f',"features":{members["features"][1]}')
+    parts.append(f',"deployment":{deployment_text}}}')
+    return StateBlob(gzip_blocking("".join(parts).encode("utf-8")), count)
+
+
+def verbatim_state_blocking(body: bytes) -> tuple[StateBlob, int]:
+    """PATCH .../checkpointverbatim: the untypedDeployment bytes are kept exactly."""
+    members = _members(body)
+    if "untypedDeployment" not in members:
+        raise BadRequest("Bad Request: missing 'untypedDeployment'")
+    value, text = members["untypedDeployment"]
+    if not isinstance(value, dict):
+        raise BadRequest("Bad Request: 'untypedDeployment' must be a JSON object")
+    _check_version(value.get("version"))
+    count = count_resources(value.get("deployment"))
+    sequence = members.get("sequenceNumber", (0, ""))[0]
+    if not isinstance(sequence, int):
+        raise BadRequest("Bad Request: 'sequenceNumber' must be an integer")
+    return StateBlob(gzip_blocking(text.encode("utf-8")), count), sequence
+
+
+def parse_state_blocking(blob: StateBlob) -> dict[str, Any]:
+    return json.loads(gunzip_blocking(blob.gzipped, 1 << 34))  # type: ignore[no-any-return]

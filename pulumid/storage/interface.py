@@ -1,0 +1,100 @@
+"""The storage seam. SQLite implements it today; PostgreSQL + S3 will implement it later.
+
+Operations are coarse and domain-shaped ("start this update unless another holds the stack"),
+so each one is a single transaction in any backend. Conflicts surface as PulumidError
+subclasses, never as backend errors. Every method returns a Deferred.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from twisted.internet.defer import Deferred
+
+from pulumid.storage.records import (
+    StackRecord,
+    StackRef,
+    StateBlob,
+    StoredEvent,
+    UpdateRecord,
+)
+
+
+class Store(Protocol):
+    # meta
+    def get_meta(self, key: str) -> Deferred[bytes | None]: ...
+    def set_meta_if_absent(self, key: str, value: bytes) -> Deferred[bytes]: ...
+
+    # stacks
+    def create_stack(
+        self, ref: StackRef, tags: dict[str, str], now: float, initial: StateBlob | None
+    ) -> Deferred[StackRecord]: ...
+    def get_stack(self, ref: StackRef) -> Deferred[StackRecord | None]: ...
+    def get_stack_or_alias(self, ref: StackRef) -> Deferred[StackRecord | None]: ...
+    def list_stacks(
+        self,
+        orgs: list[str],
+        project: str | None,
+        tag_name: str | None,
+        tag_value: str | None,
+        after_id: int,
+        limit: int,
+    ) -> Deferred[list[StackRecord]]: ...
+    def project_exists(self, org: str, project: str) -> Deferred[bool]: ...
+    def delete_stack(self, stack_id: int, force: bool) -> Deferred[None]: ...
+    def set_tags(self, stack_id: int, tags: dict[str, str]) -> Deferred[None]: ...
+    def rename_stack(
+        self,
+        stack_id: int,
+        new_ref: StackRef,
+        expected_version: int,
+        state: StateBlob | None,
+        update: UpdateRecord | None,
+        keep_versions: int,
+    ) -> Deferred[None]: ...
+    def get_state(self, stack_id: int, version: int | None) -> Deferred[StateBlob | None]: ...
+
+    # per-stack secrets keys (wrapped by the master key)
+    def get_stack_key(self, stack_id: int) -> Deferred[bytes | None]: ...
+    def put_stack_key_if_absent(self, stack_id: int, wrapped: bytes) -> Deferred[bytes]: ...
+
+    # updates
+    def create_update(self, update: UpdateRecord) -> Deferred[None]: ...
+    def get_update(self, update_id: str) -> Deferred[UpdateRecord | None]: ...
+    def start_update(
+        self,
+        update_id: str,
+        token: str,
+        now: float,
+        lease_expires: float,
+        tags: dict[str, str] | None,
+        journal_version: int,
+    ) -> Deferred[UpdateRecord]: ...
+    def renew_lease(
+        self, update_id: str, token: str, now: float, lease_expires: float
+    ) -> Deferred[None]: ...
+    def check_lease(self, update_id: str, token: str, now: float) -> Deferred[UpdateRecord]: ...
+    def save_checkpoint(
+        self, update_id: str, token: str, now: float, state: StateBlob
+    ) -> Deferred[None]: ...
+    def complete_update(
+        self, update_id: str, token: str, now: float, status: str, keep_versions: int
+    ) -> Deferred[None]: ...
+    def cancel_update(self, update_id: str, now: float) -> Deferred[None]: ...
+    def expire_leases(self, now: float) -> Deferred[list[str]]: ...
+    def import_state(
+        self, update: UpdateRecord, state: StateBlob, keep_versions: int
+    ) -> Deferred[int]: ...
+    def list_history(
+        self, stack_id: int, page: int, page_size: int
+    ) -> Deferred[list[UpdateRecord]]: ...
+
+    # engine events
+    def append_events(
+        self,
+        batches: list[tuple[str, list[StoredEvent]]],
+        summaries: dict[str, dict[str, int]],
+    ) -> Deferred[None]: ...
+    def get_events(self, update_id: str, after: int, limit: int) -> Deferred[list[StoredEvent]]: ...
+
+    def close(self) -> None: ...

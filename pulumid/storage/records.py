@@ -1,0 +1,73 @@
+"""Value types that cross the storage seam."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StackRef:
+    org: str
+    project: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.org}/{self.project}/{self.name}"
+
+
+@dataclass(frozen=True)
+class StackRecord:
+    id: int
+    org: str
+    project: str
+    name: str
+    tags: dict[str, str]
+    version: int
+    # The running real update that holds the stack, if any.
+    locked_by: str | None
+    # The newest update of any kind, for `pulumi cancel` and history links.
+    last_update: str | None
+    resource_count: int | None
+    last_update_time: int | None
+    created: int
+
+    @property
+    def ref(self) -> StackRef:
+        return StackRef(self.org, self.project, self.name)
+
+
+@dataclass(frozen=True)
+class StateBlob:
+    """One stored UntypedDeployment: gzip-compressed JSON text, kept byte for byte."""
+
+    gzipped: bytes
+    resource_count: int
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    id: str
+    stack_id: int
+    kind: str
+    dry_run: bool
+    status: str  # not-started | running | succeeded | failed | cancelled
+    version: int
+    program: dict[str, Any]
+    config: dict[str, Any]
+    metadata: dict[str, Any]
+    created: float
+    token: str | None = None
+    lease_expires: float | None = None
+    start_time: float | None = None
+    end_time: float | None = None
+    resource_changes: dict[str, int] | None = None
+    journal_version: int = 0
+    requested_by: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    sequence: int
+    data: bytes

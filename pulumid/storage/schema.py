@@ -1,0 +1,77 @@
+"""SQLite schema, versioned: each entry migrates from the previous version."""
+
+from __future__ import annotations
+
+MIGRATIONS: list[str] = [
+    # 1: initial schema
+    """
+    CREATE TABLE stacks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        org TEXT NOT NULL,
+        project TEXT NOT NULL,
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL DEFAULT 0,
+        locked_by TEXT,
+        last_update TEXT,
+        resource_count INTEGER,
+        last_update_time INTEGER,
+        created INTEGER NOT NULL,
+        UNIQUE (org, project, name)
+    );
+    CREATE TABLE stack_tags (
+        stack_id INTEGER NOT NULL REFERENCES stacks(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (stack_id, name)
+    ) WITHOUT ROWID;
+    CREATE INDEX stack_tags_by_name ON stack_tags (name, value);
+    -- Old names of renamed stacks: state written before a rename still addresses them.
+    CREATE TABLE stack_aliases (
+        org TEXT NOT NULL,
+        project TEXT NOT NULL,
+        name TEXT NOT NULL,
+        stack_id INTEGER NOT NULL REFERENCES stacks(id) ON DELETE CASCADE,
+        PRIMARY KEY (org, project, name)
+    );
+    CREATE TABLE stack_keys (
+        stack_id INTEGER PRIMARY KEY REFERENCES stacks(id) ON DELETE CASCADE,
+        wrapped BLOB NOT NULL
+    );
+    CREATE TABLE states (
+        stack_id INTEGER NOT NULL REFERENCES stacks(id) ON DELETE CASCADE,
+        version INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        resource_count INTEGER NOT NULL,
+        PRIMARY KEY (stack_id, version)
+    );
+    CREATE TABLE updates (
+        id TEXT PRIMARY KEY,
+        stack_id INTEGER NOT NULL REFERENCES stacks(id) ON DELETE CASCADE,
+        kind TEXT NOT NULL,
+        dry_run INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        program TEXT NOT NULL,
+        config TEXT NOT NULL,
+        metadata TEXT NOT NULL,
+        created REAL NOT NULL,
+        token TEXT,
+        lease_expires REAL,
+        start_time REAL,
+        end_time REAL,
+        resource_changes TEXT,
+        journal_version INTEGER NOT NULL DEFAULT 0,
+        requested_by TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX updates_history ON updates (stack_id, dry_run, version);
+    CREATE INDEX updates_running ON updates (status, lease_expires);
+    CREATE TABLE events (
+        update_id TEXT NOT NULL REFERENCES updates(id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (update_id, seq)
+    ) WITHOUT ROWID;
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)

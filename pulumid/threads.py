@@ -1,0 +1,64 @@
+"""Named thread pools, run as services so they start and stop with the daemon.
+
+SQLite work goes to one dedicated thread; CPU-heavy work (big JSON, gzip, crypto on large
+payloads) to a small pool sized to the cores. The reactor's default pool is left to DNS.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class Runner:
+    """Runs blocking callables somewhere off the reactor thread and returns Deferreds."""
+
+    def run(self, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
+        raise NotImplementedError
+
+
+class PoolRunner(Runner, Service):
+    """A named ThreadPool wrapped in a Service."""
+
+    def __init__(self, reactor: IReactorThreads, name: str, size: int) -> None:
+        self._reactor = reactor
+        self.pool = ThreadPool(minthreads=1 if size == 1 else 0, maxthreads=size, name=name)
+        self.setName(f"threads-{name}")
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+    def run(self, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
+        return deferToThreadPool(self._reactor, self.pool, f, *args, **kwargs)
+
+
+class InlineRunner(Runner):
+    """Runs the callable at once on the calling thread: deterministic unit tests."""
+
+    def run(self, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
+        try:
+            return succeed(f(*args, **kwargs))
+        except BaseException:
+            d: Deferred[T] = Deferred()
+            d.errback(Failure())
+            return d
+
+
+def cpu_pool_size() -> int:
+    return max(2, os.cpu_count() or 2)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up from nothing and run every test: a virtualenv with the package and its test
+# dependencies, the real Pulumi CLI (3.259.0 and 3.210.0) and YAML host built from the Go
+# module proxy, and the test resource provider; builds are cached under ~/.cache/pulumid.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${PULUMID_VENV:-.venv}
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install -q --upgrade pip
+"$venv/bin/pip" install -q -e '.[test]'
+
+echo "== building the Pulumi CLI, YAML host and test provider (cached)"
+versions=${PULUMID_E2E_CLI_VERSIONS:-3.259.0,3.210.0}
+for v in ${versions//,/ }; do scripts/build-pulumi.sh cli "$v" >/dev/null; done
+scripts/build-pulumi.sh yaml 1.19.1 >/dev/null
+scripts/build-provider.sh >/dev/null
+
+echo "== lint and types"
+"$venv/bin/ruff" check pulumid twisted tests
+"$venv/bin/mypy" pulumid
+
+echo "== tests"
+start=$(date +%s)
+"$venv/bin/pytest" -q "$@"
+echo "test suite wall time: $(( $(date +%s) - start ))s"
