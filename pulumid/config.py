@@ -74,7 +74,12 @@ _PARAMETERS: list[tuple[str, Any, Callable[[str], Any] | None, str]] = [
     ("master-key-file", None, None, "Read the master key from this file instead"),
     ("organization", "organization", None, "Default organization name"),
     ("user", "admin", None, "The user name the token logs in as"),
-    ("lease-ttl", 300.0, _positive_float, "Seconds an update lease lives without renewal"),
+    (
+        "lease-ttl",
+        300.0,
+        _positive_float,
+        "Seconds an update lease lives without renewal (the CLI renews every 150 s)",
+    ),
     ("event-flush-interval", 1.0, _positive_float, "Seconds between engine-event flushes"),
     (
         "state-versions",
