@@ -56,8 +56,11 @@ def _positive_int(value: str) -> int:
     return number
 
 
-def _read_file(path: str) -> str:
-    return Path(path).read_text().strip()
+def _read_file(option: str, path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as e:
+        raise usage.UsageError(f"--{option}: cannot read {path}: {e.strerror}") from None
 
 
 # name, default, coercer, help
@@ -120,6 +123,7 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self.from_env: dict[str, Any] = {}
         for name, _default, coerce, _text in _PARAMETERS:
             var = env_name(name)
             self.docs[name] = f"{self.docs.get(name, '')} (env {var})"
@@ -130,7 +134,7 @@ class Options(usage.Options):
                 value = coerce(raw) if coerce else raw
             except ValueError as e:
                 raise usage.UsageError(f"{var}: {e}") from e
-            self[name] = self.defaults[name] = value
+            self[name] = self.defaults[name] = self.from_env[name] = value
         sync = os.environ.get(env_name("sync-commits"))
         self.docs["sync-commits"] += f" (env {env_name('sync-commits')})"
         if sync is not None:
@@ -147,23 +151,42 @@ class Options(usage.Options):
         self.config = build_config(self)
 
 
+def _secret(opts: usage.Options | dict[str, Any], name: str) -> str | None:
+    """A value that may come inline or from a file: flags beat env vars, whichever form."""
+    from_env: dict[str, Any] = getattr(opts, "from_env", {})
+
+    def given(option: str, on_command_line: bool) -> bool:
+        value = opts.get(option)
+        if value is None:
+            return False
+        came_from_env = option in from_env and from_env[option] == value
+        return came_from_env != on_command_line
+
+    for on_command_line in (True, False):
+        inline, from_file = given(name, on_command_line), given(f"{name}-file", on_command_line)
+        if inline and from_file:
+            where = "on the command line" if on_command_line else "in the environment"
+            raise usage.UsageError(f"give either --{name} or --{name}-file {where}, not both")
+        if inline:
+            return str(opts[name])
+        if from_file:
+            return _read_file(f"{name}-file", opts[f"{name}-file"])
+    return None
+
+
 def build_config(opts: usage.Options | dict[str, Any]) -> Config:
     listen = list(opts["listen"]) if opts.get("listen") else []
     if not listen:
         env_listen = os.environ.get(env_name("listen"), "tcp:8080:interface=127.0.0.1")
         listen = [part.strip() for part in env_listen.split(",") if part.strip()]
-    token = opts.get("token")
-    if opts.get("token-file"):
-        token = _read_file(opts["token-file"])
+    token = _secret(opts, "token")
     if not token:
         raise usage.UsageError(
             "an access token is required: pass --token (or --token-file), or set PULUMID_TOKEN"
         )
     if len(token) < 8:
         raise usage.UsageError("the access token must be at least 8 characters long")
-    master_key = opts.get("master-key")
-    if opts.get("master-key-file"):
-        master_key = _read_file(opts["master-key-file"])
+    master_key = _secret(opts, "master-key")
     if master_key is not None and not _HEX64.match(master_key):
         raise usage.UsageError("the master key must be exactly 64 hexadecimal characters")
     for what in ("organization", "user"):

@@ -22,7 +22,7 @@ from pulumid.api.http import (
     read_object,
 )
 from pulumid.engine import deployments
-from pulumid.engine.backend import Backend
+from pulumid.engine.backend import Backend, parse_bounded_int
 from pulumid.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from pulumid.storage.records import StackRecord, StackRef, UpdateRecord
 
@@ -252,9 +252,10 @@ class API:
     async def export_version(
         self, request: IRequest, org: str, project: str, stack: str, version: str
     ) -> bytes:
-        if not version.isdigit() or int(version) < 1:
+        number = parse_bounded_int(version, "version")
+        if number < 1:
             raise BadRequest("Bad Request: the version must be a positive integer")
-        return await self._export(request, StackRef(org, project, stack), int(version))
+        return await self._export(request, StackRef(org, project, stack), number)
 
     async def _export(self, request: IRequest, ref: StackRef, version: int | None) -> bytes:
         self._user(request)
@@ -503,16 +504,18 @@ class API:
 
 
 def _query(request: IRequest) -> dict[str, str]:
-    return {
-        key.decode(): values[-1].decode() for key, values in (request.args or {}).items() if values
-    }
+    try:
+        return {
+            key.decode(): values[-1].decode()
+            for key, values in (request.args or {}).items()
+            if values
+        }
+    except UnicodeDecodeError:
+        raise BadRequest("Bad Request: the query string is not valid UTF-8") from None
 
 
 def _int(value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise BadRequest(f"Bad Request: {value!r} is not an integer") from None
+    return parse_bounded_int(value, f"integer {value!r}")
 
 
 def _string_list(body: dict[str, Any], key: str) -> list[str]:

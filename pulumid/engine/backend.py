@@ -33,6 +33,16 @@ COMPLETE_STATUSES = ("succeeded", "failed", "cancelled")
 EVENTS_PAGE = 100
 
 
+MAX_INT = 2**53
+
+
+def parse_bounded_int(text: str, what: str) -> int:
+    """A non-negative decimal integer from a client, or a 400."""
+    if not (text.isascii() and text.isdecimal()) or len(text) > 15:
+        raise BadRequest(f"Bad Request: invalid {what}")
+    return int(text)
+
+
 def validate_ref(ref: StackRef) -> None:
     if not PROJECT_NAME.match(ref.project):
         raise BadRequest(f"Bad Request: invalid project name {ref.project!r}")
@@ -124,9 +134,7 @@ class Backend:
             return [], None
         after = 0
         if continuation:
-            if not continuation.isdigit():
-                raise BadRequest("Bad Request: invalid continuation token")
-            after = int(continuation)
+            after = parse_bounded_int(continuation, "continuation token")
         size = self.config.page_size
         stacks = await self.store.list_stacks(orgs, project, tag_name, tag_value, after, size + 1)
         if len(stacks) > size:
@@ -342,10 +350,7 @@ class Backend:
         _stack, update = await self._update_of(ref, update_id)
         after = -1
         if continuation:
-            try:
-                after = int(continuation)
-            except ValueError:
-                raise BadRequest("Bad Request: Invalid continuation token.") from None
+            after = parse_bounded_int(continuation, "continuation token")
         await self.events.flush()
         events = await self.store.get_events(update_id, after, EVENTS_PAGE)
         last = events[-1].sequence if events else after
@@ -356,8 +361,8 @@ class Backend:
 
     async def history(self, ref: StackRef, page: int, page_size: int) -> list[UpdateRecord]:
         stack = await self.stack(ref)
-        if page < 1 or page_size < 1:
-            raise BadRequest("Bad Request: page and pageSize must be positive")
+        if not (1 <= page <= MAX_INT and 1 <= page_size <= MAX_INT):
+            raise BadRequest("Bad Request: page and pageSize must be positive integers")
         return await self.store.list_history(stack.id, page, min(page_size, 1000))
 
     async def latest(self, ref: StackRef) -> UpdateRecord:

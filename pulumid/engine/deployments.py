@@ -36,6 +36,8 @@ def gunzip_blocking(data: bytes, limit: int) -> bytes:
         raise BadRequest("Bad Request: the request body is not valid gzip") from None
     if len(out) > limit or decompressor.unconsumed_tail:
         raise TooLarge(f"Payload Too Large: the request body exceeds {limit} bytes")
+    if not decompressor.eof:
+        raise BadRequest("Bad Request: the gzip request body is truncated")
     return out
 
 
@@ -54,6 +56,8 @@ def raw_members(text: str) -> dict[str, tuple[Any, str]]:
         raise BadRequest("Bad Request: expected a JSON object")
     i = _skip(text, i + 1)
     if i < len(text) and text[i] == "}":
+        if _skip(text, i + 1) != len(text):
+            raise BadRequest("Bad Request: unexpected text after the JSON object")
         return members
     while True:
         key, i = _decoder.raw_decode(text, i)
@@ -70,6 +74,8 @@ def raw_members(text: str) -> dict[str, tuple[Any, str]]:
             i = _skip(text, i + 1)
             continue
         if i < len(text) and text[i] == "}":
+            if _skip(text, i + 1) != len(text):
+                raise BadRequest("Bad Request: unexpected text after the JSON object")
             return members
         raise BadRequest("Bad Request: malformed JSON object")
 
@@ -90,7 +96,9 @@ def _members(body: bytes) -> dict[str, tuple[Any, str]]:
 def count_resources(deployment: Any) -> int:
     if not isinstance(deployment, dict):
         raise BadRequest("Bad Request: 'deployment' must be a JSON object")
-    resources = deployment.get("resources") or []
+    resources = deployment.get("resources")
+    if resources is None:
+        return 0
     if not isinstance(resources, list):
         raise BadRequest("Bad Request: 'deployment.resources' must be a list")
     return len(resources)
