@@ -33,6 +33,9 @@ class Config:
     max_body_size: int = 256 * MIB
     page_size: int = 100
     sync_commits: bool = False
+    journaling: bool = True
+    delta_checkpoints: bool = True
+    delta_cutoff: int = MIB
 
 
 def _positive_float(value: str) -> float:
@@ -97,6 +100,12 @@ _PARAMETERS: list[tuple[str, Any, Callable[[str], Any] | None, str]] = [
         "Largest request body accepted, in bytes after decompression",
     ),
     ("page-size", 100, _positive_int, "Stacks per page of stack listings"),
+    (
+        "delta-cutoff",
+        MIB,
+        _non_negative_int,
+        "Checkpoints at least this many bytes are sent as deltas (delta-checkpoint-uploads-v2)",
+    ),
 ]
 
 
@@ -108,16 +117,39 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
+# name, default, help: each gets --name and --no-name, and PULUMID_NAME=true/false.
+_BOOLEANS: list[tuple[str, bool, str]] = [
+    (
+        "sync-commits",
+        False,
+        "fsync every commit, so acknowledged writes survive power loss (slower)",
+    ),
+    (
+        "journaling",
+        True,
+        "accept journal entries from CLIs that offer them (3.225+), instead of checkpoints",
+    ),
+    (
+        "delta-checkpoints",
+        True,
+        "advertise delta checkpoints to CLIs that do not journal (their checkpoint writer then "
+        "drops pending operations: turn off to keep them)",
+    ),
+]
+
+
+def _boolean(var: str, raw: str) -> bool:
+    if raw.lower() not in _TRUE | _FALSE:
+        raise usage.UsageError(f"{var}: not a boolean: {raw}")
+    return raw.lower() in _TRUE
+
+
 class Options(usage.Options):
     optParameters = [
         [name, None, default, text, coerce] for name, default, coerce, text in _PARAMETERS
     ]
-    optFlags = [
-        [
-            "sync-commits",
-            None,
-            "fsync every commit, so acknowledged writes survive power loss (slower)",
-        ]
+    optFlags = [[name, None, text] for name, _default, text in _BOOLEANS] + [
+        [f"no-{name}", None, f"turn off --{name}"] for name, _default, _text in _BOOLEANS
     ]
 
     def __init__(self) -> None:
@@ -135,12 +167,12 @@ class Options(usage.Options):
             except ValueError as e:
                 raise usage.UsageError(f"{var}: {e}") from e
             self[name] = self.defaults[name] = self.from_env[name] = value
-        sync = os.environ.get(env_name("sync-commits"))
-        self.docs["sync-commits"] += f" (env {env_name('sync-commits')})"
-        if sync is not None:
-            if sync.lower() not in _TRUE | _FALSE:
-                raise usage.UsageError(f"{env_name('sync-commits')}: not a boolean: {sync}")
-            self["sync-commits"] = sync.lower() in _TRUE
+        self.booleans: dict[str, bool] = {}
+        for name, default, _text in _BOOLEANS:
+            var = env_name(name)
+            raw = os.environ.get(var)
+            self.booleans[name] = default if raw is None else _boolean(var, raw)
+            self.docs[name] += f" (env {var}) [default: {str(self.booleans[name]).lower()}]"
 
     def opt_listen(self, value: str) -> None:
         """API listener, a Twisted endpoint description; may be repeated
@@ -172,6 +204,15 @@ def _secret(opts: usage.Options | dict[str, Any], name: str) -> str | None:
         if from_file:
             return _read_file(f"{name}-file", opts[f"{name}-file"])
     return None
+
+
+def _flag(opts: usage.Options | dict[str, Any], name: str) -> bool:
+    if opts.get(f"no-{name}"):
+        return False
+    if opts.get(name):
+        return True
+    booleans: dict[str, bool] = getattr(opts, "booleans", {})
+    return booleans.get(name, {n: d for n, d, _ in _BOOLEANS}[name])
 
 
 def build_config(opts: usage.Options | dict[str, Any]) -> Config:
@@ -206,5 +247,8 @@ def build_config(opts: usage.Options | dict[str, Any]) -> Config:
         state_versions=int(opts["state-versions"]),
         max_body_size=int(opts["max-body-size"]),
         page_size=int(opts["page-size"]),
-        sync_commits=bool(opts.get("sync-commits")),
+        sync_commits=_flag(opts, "sync-commits"),
+        journaling=_flag(opts, "journaling"),
+        delta_checkpoints=_flag(opts, "delta-checkpoints"),
+        delta_cutoff=int(opts["delta-cutoff"]),
     )

@@ -17,6 +17,7 @@ from pulumid.api.http import limited_request_factory
 from pulumid.config import Config, Options
 from pulumid.engine.backend import Backend
 from pulumid.engine.events import EventBuffer
+from pulumid.engine.inflight import InFlight
 from pulumid.engine.secrets import MasterKeyMismatch, StackSecrets
 from pulumid.secrets.crypto import MasterKey
 from pulumid.services.timers import FlushOnStop, SafeTimer
@@ -81,7 +82,8 @@ def make_backend(config: Config, reactor: Any) -> tuple[service.MultiService, Ba
     cpu.setServiceParent(top)
     secrets = StackSecrets(store, master, cpu)
     events = EventBuffer(store)
-    backend = Backend(config, store, reactor, cpu, secrets, events)
+    inflight = InFlight(store, cpu, reactor, config.max_body_size)
+    backend = Backend(config, store, reactor, cpu, secrets, events, inflight)
     FlushOnStop(
         "event-flush", config.event_flush_interval, events.flush, clock=reactor
     ).setServiceParent(top)

@@ -16,10 +16,11 @@ versions=${PULUMID_E2E_CLI_VERSIONS:-3.259.0,3.210.0}
 for v in ${versions//,/ }; do scripts/build-pulumi.sh cli "$v" >/dev/null; done
 scripts/build-pulumi.sh yaml 1.19.1 >/dev/null
 scripts/build-provider.sh >/dev/null
+scripts/build-minio.sh >/dev/null
 
 echo "== lint and types"
-"$venv/bin/ruff" check pulumid twisted tests
-"$venv/bin/mypy" pulumid
+"$venv/bin/ruff" check pulumid twisted tests benchmarks
+"$venv/bin/mypy" pulumid tests benchmarks
 
 echo "== tests"
 start=$(date +%s)

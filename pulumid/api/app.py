@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import re
 from typing import Any
 
 from klein import Klein
@@ -20,6 +21,7 @@ from pulumid.api.http import (
     read_body,
     read_json,
     read_object,
+    read_wire,
 )
 from pulumid.engine import deployments
 from pulumid.engine.backend import Backend, parse_bounded_int
@@ -60,6 +62,22 @@ class API:
         self.config = backend.config
         self.cpu = backend.cpu
         self._token = backend.config.token.encode()
+        self.capability_list: list[dict[str, Any]] = [
+            {"capability": "batch-encrypt", "version": 1},
+            {
+                "capability": "deployment-schema-version",
+                "version": 1,
+                "configuration": {"version": 4},
+            },
+        ]
+        if self.config.delta_checkpoints:
+            self.capability_list.append(
+                {
+                    "capability": "delta-checkpoint-uploads-v2",
+                    "version": 2,
+                    "configuration": {"checkpointCutoffSizeBytes": self.config.delta_cutoff},
+                }
+            )
 
     def resource(self) -> IResource:
         return self.app.resource()
@@ -123,19 +141,7 @@ class API:
     @app.route("/api/capabilities", methods=["GET"])
     def capabilities(self, request: IRequest) -> bytes:
         self._user(request)
-        return json_response(
-            request,
-            {
-                "capabilities": [
-                    {"capability": "batch-encrypt", "version": 1},
-                    {
-                        "capability": "deployment-schema-version",
-                        "version": 1,
-                        "configuration": {"version": 4},
-                    },
-                ]
-            },
-        )
+        return json_response(request, {"capabilities": self.capability_list})
 
     @app.route("/api/registry/templates", methods=["GET"])
     def templates(self, request: IRequest) -> bytes:
@@ -385,16 +391,19 @@ class API:
     ) -> bytes:
         self._user(request)
         update = await self.backend.start_update(
-            StackRef(org, project, stack), update_id, await self._body(request)
+            StackRef(org, project, stack),
+            update_id,
+            await self._body(request),
+            _engine_version(request),
         )
-        return json_response(
-            request,
-            {
-                "version": update.version,
-                "token": update.token,
-                "tokenExpiration": int(update.lease_expires or 0),
-            },
-        )
+        response: dict[str, Any] = {
+            "version": update.version,
+            "token": update.token,
+            "tokenExpiration": int(update.lease_expires or 0),
+        }
+        if update.journal_version:
+            response["journalVersion"] = update.journal_version
+        return json_response(request, response)
 
     @app.route(UPDATE, methods=["GET"])
     async def update_status(
@@ -427,20 +436,42 @@ class API:
     async def checkpoint(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
-        return await self._checkpoint(request, StackRef(org, project, stack), update_id, False)
+        token = self._update_token(request)
+        body = await read_body(request, self.cpu, self.config.max_body_size)
+        await self.backend.checkpoint(StackRef(org, project, stack), update_id, token, body)
+        return no_content(request)
 
     @app.route(f"{UPDATE}/checkpointverbatim", methods=["PATCH"])
     async def checkpoint_verbatim(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
-        return await self._checkpoint(request, StackRef(org, project, stack), update_id, True)
-
-    async def _checkpoint(
-        self, request: IRequest, ref: StackRef, update_id: str, verbatim: bool
-    ) -> bytes:
         token = self._update_token(request)
         body = await read_body(request, self.cpu, self.config.max_body_size)
-        await self.backend.checkpoint(ref, update_id, token, body, verbatim)
+        await self.backend.checkpoint_verbatim(
+            StackRef(org, project, stack), update_id, token, body
+        )
+        return no_content(request)
+
+    @app.route(f"{UPDATE}/checkpointdelta", methods=["PATCH"])
+    async def checkpoint_delta(
+        self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
+    ) -> bytes:
+        token = self._update_token(request)
+        wire, body = await read_wire(request, self.cpu, self.config.max_body_size)
+        await self.backend.checkpoint_delta(
+            StackRef(org, project, stack), update_id, token, wire, body
+        )
+        return no_content(request)
+
+    @app.route(f"{UPDATE}/journalentries", methods=["PATCH"])
+    async def journal_entries(
+        self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
+    ) -> bytes:
+        token = self._update_token(request)
+        wire, body = await read_wire(request, self.cpu, self.config.max_body_size)
+        await self.backend.journal_entries(
+            StackRef(org, project, stack), update_id, token, wire, body
+        )
         return no_content(request)
 
     @app.route(f"{UPDATE}/events/batch", methods=["POST"])
@@ -501,6 +532,15 @@ class API:
         return no_content(request)
 
     # Unknown routes: werkzeug's NotFound reaches _errors and becomes a JSON 404.
+
+
+_USER_AGENT = re.compile(r"^pulumi-cli/\d+ \(v?(\d+\.\d+\.\d+[^;)]*)")
+
+
+def _engine_version(request: IRequest) -> str:
+    """The CLI's version (from its User-Agent), as its engine writes it into manifests."""
+    match = _USER_AGENT.match((request.getHeader("user-agent") or "").strip())
+    return f"v{match.group(1)}" if match else ""
 
 
 def _query(request: IRequest) -> dict[str, str]:

@@ -45,6 +45,12 @@ def limited_request_factory(max_body_size: int) -> type[LimitedRequest]:
 
 
 async def read_body(request: IRequest, cpu: Runner, limit: int) -> bytes:
+    _wire, body = await read_wire(request, cpu, limit)
+    return body
+
+
+async def read_wire(request: IRequest, cpu: Runner, limit: int) -> tuple[bytes, bytes]:
+    """(the body as sent, the body decompressed): some bodies are stored as they came."""
     if getattr(request, "body_too_large", False):
         raise TooLarge(f"Payload Too Large: the request body exceeds {limit} bytes")
     content = request.content
@@ -53,13 +59,13 @@ async def read_body(request: IRequest, cpu: Runner, limit: int) -> bytes:
     encoding = (request.getHeader("content-encoding") or "").strip().lower()
     if encoding in ("gzip", "x-gzip"):
         if len(raw) < INLINE_LIMIT // 8:
-            return deployments.gunzip_blocking(raw, limit)
-        return await cpu.run(deployments.gunzip_blocking, raw, limit)
+            return raw, deployments.gunzip_blocking(raw, limit)
+        return raw, await cpu.run(deployments.gunzip_blocking, raw, limit)
     if encoding not in ("", "identity"):
         raise BadRequest(f"Bad Request: unsupported Content-Encoding {encoding!r}")
     if len(raw) > limit:
         raise TooLarge(f"Payload Too Large: the request body exceeds {limit} bytes")
-    return raw
+    return raw, raw
 
 
 async def read_json(request: IRequest, cpu: Runner, limit: int) -> Any:

@@ -18,9 +18,10 @@ from twisted.logger import Logger
 from pulumid.config import Config
 from pulumid.engine import deployments
 from pulumid.engine.events import EventBuffer
+from pulumid.engine.inflight import InFlight
 from pulumid.engine.rename import rename_deployment
 from pulumid.engine.secrets import StackSecrets
-from pulumid.errors import BadRequest, Conflict, NotFound
+from pulumid.errors import BadRequest, Conflict, Forbidden, NotFound
 from pulumid.storage.interface import Store
 from pulumid.storage.records import StackRecord, StackRef, StateBlob, StoredEvent, UpdateRecord
 from pulumid.threads import Runner
@@ -75,6 +76,7 @@ class Backend:
         cpu: Runner,
         secrets: StackSecrets,
         events: EventBuffer,
+        inflight: InFlight,
     ) -> None:
         self.config = config
         self.store = store
@@ -82,6 +84,7 @@ class Backend:
         self.cpu = cpu
         self.secrets = secrets
         self.events = events
+        self.inflight = inflight
 
     # -- identity -------------------------------------------------------------------------
 
@@ -203,6 +206,13 @@ class Backend:
 
     async def export(self, ref: StackRef, version: int | None) -> StateBlob:
         stack = await self.stack(ref)
+        if stack.locked_by and version in (None, stack.version):
+            # A running (or crashed) update whose state lives in journal entries or deltas.
+            update = await self.store.get_update(stack.locked_by)
+            if update is not None and update.status == "running":
+                current = await self.inflight.current_state(update)
+                if current is not None:
+                    return current
         if version is not None:
             if version < 1 or version > stack.version:
                 raise NotFound(f"Not Found: stack '{ref}' has no version {version}")
@@ -276,16 +286,37 @@ class Backend:
         return update.id
 
     async def start_update(
-        self, ref: StackRef, update_id: str, body: dict[str, Any]
+        self, ref: StackRef, update_id: str, body: dict[str, Any], engine_version: str = ""
     ) -> UpdateRecord:
-        await self._update_of(ref, update_id)
+        stack, update = await self._update_of(ref, update_id)
         tags = body.get("tags")
         if tags is not None:
             tags = validate_tags(tags)
+        requested = body.get("journalVersion")
+        journal = 0
+        if (
+            self.config.journaling
+            and not update.dry_run
+            and isinstance(requested, int)
+            and not isinstance(requested, bool)
+            and requested >= 1
+        ):
+            journal = 1
+        if stack.locked_by and not update.dry_run:
+            # An update whose CLI died keeps what it did: end it properly before taking over.
+            holder = await self.store.get_update(stack.locked_by)
+            if holder is not None and holder.status == "running":
+                if (holder.lease_expires or 0) <= self.clock.seconds():
+                    await self._expire(holder)
         now = self.clock.seconds()
-        # Journaling is the next milestone: answer with checkpoints for now.
         return await self.store.start_update(
-            update_id, pysecrets.token_urlsafe(32), now, now + self.config.lease_ttl, tags, 0
+            update_id,
+            pysecrets.token_urlsafe(32),
+            now,
+            now + self.config.lease_ttl,
+            tags,
+            journal,
+            engine_version,
         )
 
     async def renew_lease(self, ref: StackRef, update_id: str, token: str, duration: Any) -> float:
@@ -302,17 +333,34 @@ class Backend:
         await self.store.renew_lease(update_id, token, now, expires)
         return expires
 
-    async def checkpoint(
-        self, ref: StackRef, update_id: str, token: str, body: bytes, verbatim: bool
-    ) -> None:
+    async def checkpoint(self, ref: StackRef, update_id: str, token: str, body: bytes) -> None:
         await self._update_of(ref, update_id)
         # Validate the lease before the expensive parse.
         await self.store.check_lease(update_id, token, self.clock.seconds())
-        if verbatim:
-            state, _sequence = await self.cpu.run(deployments.verbatim_state_blocking, body)
-        else:
-            state = await self.cpu.run(deployments.checkpoint_state_blocking, body)
+        state = await self.cpu.run(deployments.checkpoint_state_blocking, body)
         await self.store.save_checkpoint(update_id, token, self.clock.seconds(), state)
+        self.inflight.forget(update_id)
+
+    async def checkpoint_verbatim(
+        self, ref: StackRef, update_id: str, token: str, body: bytes
+    ) -> None:
+        _stack, update = await self._update_of(ref, update_id)
+        await self.store.check_lease(update_id, token, self.clock.seconds())
+        await self.inflight.save_verbatim(update, token, body)
+
+    async def checkpoint_delta(
+        self, ref: StackRef, update_id: str, token: str, wire: bytes, body: bytes
+    ) -> None:
+        _stack, update = await self._update_of(ref, update_id)
+        await self.inflight.save_delta(update, token, wire, body)
+
+    async def journal_entries(
+        self, ref: StackRef, update_id: str, token: str, wire: bytes, body: bytes
+    ) -> None:
+        _stack, update = await self._update_of(ref, update_id)
+        if not update.journal_version:
+            raise BadRequest("Bad Request: journaling was not enabled for this update")
+        await self.inflight.add_journal(update, token, wire, body)
 
     async def post_events(self, ref: StackRef, update_id: str, token: str, body: Any) -> None:
         await self._update_of(ref, update_id)
@@ -326,19 +374,45 @@ class Backend:
         await self.events.add(update_id, events)
 
     async def complete(self, ref: StackRef, update_id: str, token: str, status: Any) -> None:
-        await self._update_of(ref, update_id)
+        _stack, update = await self._update_of(ref, update_id)
         if status not in COMPLETE_STATUSES:
             raise BadRequest(f"Bad Request: unknown update status {status!r}")
+        if update.token != token:
+            raise Forbidden("Forbidden: the update token is not valid for this update")
         # Events are durable before the update is marked finished.
         await self.events.flush()
+        state = None
+        if update.status == "running":
+            state = await self.inflight.finish(update)
         await self.store.complete_update(
-            update_id, token, self.clock.seconds(), status, self.config.state_versions
+            update_id, token, self.clock.seconds(), status, self.config.state_versions, state
         )
 
     async def cancel(self, ref: StackRef, update_id: str) -> None:
-        await self._update_of(ref, update_id)
+        _stack, update = await self._update_of(ref, update_id)
         await self.events.flush()
-        await self.store.cancel_update(update_id, self.clock.seconds())
+        state = None
+        if update.status == "running":
+            state = await self.inflight.finish(update)
+        await self.store.cancel_update(
+            update_id, self.clock.seconds(), state, self.config.state_versions
+        )
+
+    async def _expire(self, update: UpdateRecord) -> bool:
+        state = await self.inflight.finish(update)
+        expired = await self.store.expire_update(
+            update.id, self.clock.seconds(), state, self.config.state_versions
+        )
+        if expired:
+            self.log.info("lease of update {update_id} expired", update_id=update.id)
+        return expired
+
+    async def expire_leases(self) -> list[str]:
+        expired = []
+        for update in await self.store.list_expired(self.clock.seconds()):
+            if await self._expire(update):
+                expired.append(update.id)
+        return expired
 
     async def update_status(self, ref: StackRef, update_id: str) -> UpdateRecord:
         _stack, update = await self._update_of(ref, update_id)
@@ -370,12 +444,6 @@ class Backend:
         if not updates:
             raise NotFound(f"Not Found: stack '{ref}' has no updates")
         return updates[0]
-
-    async def expire_leases(self) -> list[str]:
-        expired = await self.store.expire_leases(self.clock.seconds())
-        for update_id in expired:
-            self.log.info("lease of update {update_id} expired", update_id=update_id)
-        return expired
 
     # -- secrets --------------------------------------------------------------------------
 

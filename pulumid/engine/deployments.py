@@ -7,6 +7,7 @@ These functions are blocking (big JSON, gzip) and run on the CPU pool.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zlib
 from typing import Any
@@ -145,8 +146,12 @@ def checkpoint_state_blocking(body: bytes) -> StateBlob:
     return StateBlob(gzip_blocking("".join(parts).encode("utf-8")), count)
 
 
-def verbatim_state_blocking(body: bytes) -> tuple[StateBlob, int]:
-    """PATCH .../checkpointverbatim: the untypedDeployment bytes are kept exactly."""
+def parse_state_blocking(blob: StateBlob) -> dict[str, Any]:
+    return json.loads(gunzip_blocking(blob.gzipped, 1 << 34))  # type: ignore[no-any-return]
+
+
+def verbatim_text_blocking(body: bytes) -> tuple[bytes, int, int]:
+    """PATCH .../checkpointverbatim: (exact untypedDeployment bytes, resources, sequence)."""
     members = _members(body)
     if "untypedDeployment" not in members:
         raise BadRequest("Bad Request: missing 'untypedDeployment'")
@@ -156,10 +161,87 @@ def verbatim_state_blocking(body: bytes) -> tuple[StateBlob, int]:
     _check_version(value.get("version"))
     count = count_resources(value.get("deployment"))
     sequence = members.get("sequenceNumber", (0, ""))[0]
-    if not isinstance(sequence, int):
+    if not isinstance(sequence, int) or isinstance(sequence, bool):
         raise BadRequest("Bad Request: 'sequenceNumber' must be an integer")
-    return StateBlob(gzip_blocking(text.encode("utf-8")), count), sequence
+    return text.encode("utf-8"), count, sequence
 
 
-def parse_state_blocking(blob: StateBlob) -> dict[str, Any]:
-    return json.loads(gunzip_blocking(blob.gzipped, 1 << 34))  # type: ignore[no-any-return]
+DELTA_MISMATCH = "Bad Request: failed to apply checkpoint delta or validating checksum"
+
+
+def apply_delta_blocking(
+    baseline: bytes, last_sequence: int, body: bytes
+) -> tuple[int, bytes] | None:
+    """Apply a delta checkpoint to the update's last saved text.
+
+    Returns (sequence, new text), or None for a retry of a delta already applied. Offsets are
+    byte offsets into the UTF-8 baseline; the result must hash to checkpointHash.
+    """
+    document = load_json_blocking(body)
+    if not isinstance(document, dict):
+        raise BadRequest("Bad Request: the request body must be a JSON object")
+    sequence = document.get("sequenceNumber")
+    expected = document.get("checkpointHash")
+    edits = document.get("deploymentDelta")
+    if not isinstance(sequence, int) or isinstance(sequence, bool):
+        raise BadRequest("Bad Request: 'sequenceNumber' must be an integer")
+    if not isinstance(expected, str) or not isinstance(edits, list):
+        raise BadRequest("Bad Request: 'checkpointHash' and 'deploymentDelta' are required")
+    if sequence <= last_sequence and hashlib.sha256(baseline).hexdigest() == expected:
+        return None
+    spans: list[tuple[int, int, str]] = []
+    for edit in edits:
+        try:
+            span = edit["Span"]
+            start, end = span["start"]["offset"], span["end"]["offset"]
+            text = edit["NewText"]
+        except (KeyError, TypeError):
+            raise BadRequest("Bad Request: malformed delta edit") from None
+        if not (isinstance(start, int) and isinstance(end, int) and isinstance(text, str)):
+            raise BadRequest("Bad Request: malformed delta edit")
+        spans.append((start, end, text))
+    spans.sort(key=lambda s: s[0])
+    out = bytearray()
+    cursor = 0
+    for start, end, text in spans:
+        if not cursor <= start <= end <= len(baseline):
+            raise BadRequest(DELTA_MISMATCH)
+        out += baseline[cursor:start]
+        out += text.encode("utf-8")
+        cursor = end
+    out += baseline[cursor:]
+    result = bytes(out)
+    if hashlib.sha256(result).hexdigest() != expected:
+        raise BadRequest(DELTA_MISMATCH)
+    return sequence, result
+
+
+def journal_entries_blocking(body: bytes) -> list[dict[str, Any]]:
+    """PATCH .../journalentries: {"entries": [...]} (body already decompressed)."""
+    document = load_json_blocking(body)
+    entries = document.get("entries") if isinstance(document, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise BadRequest("Bad Request: 'entries' must be a list of journal entries")
+    return entries
+
+
+def stored_journal_blocking(stored: list[bytes], limit: int) -> list[dict[str, Any]]:
+    """Entries of the journal batches kept for an update, in arrival order."""
+    entries: list[dict[str, Any]] = []
+    for body in stored:
+        if body[:2] == b"\x1f\x8b":
+            body = gunzip_blocking(body, limit)
+        entries.extend(journal_entries_blocking(body))
+    return entries
+
+
+def state_from_text_blocking(text: bytes) -> StateBlob:
+    """A state whose text is already exact (verbatim/delta): count and compress."""
+    document = load_json_blocking(text)
+    deployment = document.get("deployment") if isinstance(document, dict) else None
+    return StateBlob(gzip_blocking(text), count_resources(deployment))
+
+
+def state_from_document_blocking(document: dict[str, Any]) -> StateBlob:
+    text = json.dumps(document, separators=(",", ":")).encode()
+    return StateBlob(gzip_blocking(text), count_resources(document.get("deployment")))

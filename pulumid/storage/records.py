@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -64,7 +64,9 @@ class UpdateRecord:
     resource_changes: dict[str, int] | None = None
     journal_version: int = 0
     requested_by: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    engine_version: str = ""
+    # Sequence number of the last checkpoint (verbatim or delta) this update saved.
+    checkpoint_seq: int = 0
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,25 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (update_id, seq)
     ) WITHOUT ROWID;
     """,
+    # 2: journaling and delta checkpoints
+    """
+    ALTER TABLE updates ADD COLUMN engine_version TEXT NOT NULL DEFAULT '';
+    ALTER TABLE updates ADD COLUMN checkpoint_seq INTEGER NOT NULL DEFAULT 0;
+    -- Journal entry batches as the CLI sent them (gzip bytes): replayed after a restart.
+    CREATE TABLE journal_batches (
+        update_id TEXT NOT NULL REFERENCES updates(id) ON DELETE CASCADE,
+        batch INTEGER NOT NULL,
+        body BLOB NOT NULL,
+        PRIMARY KEY (update_id, batch)
+    ) WITHOUT ROWID;
+    -- Delta checkpoint requests since the update's last full state, in sequence order.
+    CREATE TABLE checkpoint_deltas (
+        update_id TEXT NOT NULL REFERENCES updates(id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        body BLOB NOT NULL,
+        PRIMARY KEY (update_id, seq)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

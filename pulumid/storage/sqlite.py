@@ -37,7 +37,8 @@ _STACK_COLUMNS = (
 )
 _UPDATE_COLUMNS = (
     "id, stack_id, kind, dry_run, status, version, program, config, metadata, created, token, "
-    "lease_expires, start_time, end_time, resource_changes, journal_version, requested_by"
+    "lease_expires, start_time, end_time, resource_changes, journal_version, requested_by, "
+    "engine_version, checkpoint_seq"
 )
 
 
@@ -129,6 +130,8 @@ def _update(row: tuple[Any, ...]) -> UpdateRecord:
         resource_changes=json.loads(row[14]) if row[14] else None,
         journal_version=row[15],
         requested_by=row[16],
+        engine_version=row[17],
+        checkpoint_seq=row[18],
     )
 
 
@@ -403,6 +406,7 @@ class SQLiteStore:
         lease_expires: float,
         tags: dict[str, str] | None,
         journal_version: int,
+        engine_version: str = "",
     ) -> Deferred[UpdateRecord]:
         def txn(conn: sqlite3.Connection) -> UpdateRecord:
             update = _find_update(conn, update_id)
@@ -413,13 +417,10 @@ class SQLiteStore:
             stack = _get_stack_by_id(conn, update.stack_id)
             version = stack.version
             if not update.dry_run:
-                if stack.locked_by:
-                    holder = _find_update(conn, stack.locked_by)
-                    if holder and holder.status == "running" and (holder.lease_expires or 0) > now:
-                        raise Conflict(ANOTHER_UPDATE)
-                    _finish(conn, stack.locked_by, "failed", now)
+                _take_over(conn, stack, now)
                 version = stack.version + 1
-                # Version N starts as a copy of N-1, so export works before any checkpoint.
+                # Version N starts as a copy of N-1: export works before any checkpoint, and
+                # it is the base that journal entries are replayed onto.
                 conn.execute(
                     "INSERT OR REPLACE INTO states (stack_id, version, data, resource_count) "
                     "SELECT stack_id, ?, data, resource_count FROM states "
@@ -434,8 +435,9 @@ class SQLiteStore:
                 _write_tags(conn, stack.id, tags)
             conn.execute(
                 "UPDATE updates SET status = 'running', token = ?, lease_expires = ?, "
-                "start_time = ?, version = ?, journal_version = ? WHERE id = ?",
-                (token, lease_expires, now, version, journal_version, update_id),
+                "start_time = ?, version = ?, journal_version = ?, engine_version = ? "
+                "WHERE id = ?",
+                (token, lease_expires, now, version, journal_version, engine_version, update_id),
             )
             started = _find_update(conn, update_id)
             assert started is not None
@@ -458,24 +460,79 @@ class SQLiteStore:
         return self._write(txn)
 
     def save_checkpoint(
-        self, update_id: str, token: str, now: float, state: StateBlob
+        self, update_id: str, token: str, now: float, state: StateBlob, sequence: int = 0
     ) -> Deferred[None]:
         def txn(conn: sqlite3.Connection) -> None:
-            update = _check_lease(conn, update_id, token, now)
-            if update.dry_run:
-                raise Forbidden(
-                    "Forbidden: Updating the checkpoint is not permitted for preview operations."
-                )
+            update = _check_writable(conn, update_id, token, now)
             _put_state(conn, update.stack_id, update.version, state)
             conn.execute(
                 "UPDATE stacks SET resource_count = ? WHERE id = ? AND version = ?",
                 (state.resource_count, update.stack_id, update.version),
             )
+            # A full state supersedes the deltas saved before it.
+            conn.execute("DELETE FROM checkpoint_deltas WHERE update_id = ?", (update_id,))
+            conn.execute(
+                "UPDATE updates SET checkpoint_seq = ? WHERE id = ?", (sequence, update_id)
+            )
 
         return self._write(txn)
 
+    def save_delta(
+        self, update_id: str, token: str, now: float, sequence: int, body: bytes
+    ) -> Deferred[None]:
+        def txn(conn: sqlite3.Connection) -> None:
+            _check_writable(conn, update_id, token, now)
+            conn.execute(
+                "INSERT OR REPLACE INTO checkpoint_deltas (update_id, seq, body) VALUES (?, ?, ?)",
+                (update_id, sequence, body),
+            )
+            conn.execute(
+                "UPDATE updates SET checkpoint_seq = ? WHERE id = ?", (sequence, update_id)
+            )
+
+        return self._write(txn)
+
+    def get_deltas(self, update_id: str) -> Deferred[list[tuple[int, bytes]]]:
+        def txn(conn: sqlite3.Connection) -> list[tuple[int, bytes]]:
+            rows = conn.execute(
+                "SELECT seq, body FROM checkpoint_deltas WHERE update_id = ? ORDER BY seq",
+                (update_id,),
+            ).fetchall()
+            return [(row[0], bytes(row[1])) for row in rows]
+
+        return self._read(txn)
+
+    def append_journal(self, update_id: str, token: str, now: float, body: bytes) -> Deferred[None]:
+        def txn(conn: sqlite3.Connection) -> None:
+            update = _check_writable(conn, update_id, token, now)
+            if not update.journal_version:
+                raise BadRequest("Bad Request: journaling was not enabled for this update")
+            conn.execute(
+                "INSERT INTO journal_batches (update_id, batch, body) VALUES (?, "
+                "(SELECT COALESCE(MAX(batch), 0) + 1 FROM journal_batches WHERE update_id = ?), ?)",
+                (update_id, update_id, body),
+            )
+
+        return self._write(txn)
+
+    def get_journal(self, update_id: str) -> Deferred[list[bytes]]:
+        def txn(conn: sqlite3.Connection) -> list[bytes]:
+            rows = conn.execute(
+                "SELECT body FROM journal_batches WHERE update_id = ? ORDER BY batch",
+                (update_id,),
+            ).fetchall()
+            return [bytes(row[0]) for row in rows]
+
+        return self._read(txn)
+
     def complete_update(
-        self, update_id: str, token: str, now: float, status: str, keep_versions: int
+        self,
+        update_id: str,
+        token: str,
+        now: float,
+        status: str,
+        keep_versions: int,
+        state: StateBlob | None = None,
     ) -> Deferred[None]:
         def txn(conn: sqlite3.Connection) -> None:
             update = _find_update(conn, update_id)
@@ -485,31 +542,43 @@ class SQLiteStore:
                 return  # a retried complete that already took effect
             if update.status != "running":
                 raise Conflict(_not_running_message(update.status))
-            _finish(conn, update_id, status, now)
-            if not update.dry_run:
-                _prune(conn, update.stack_id, update.version, keep_versions)
+            _finish(conn, update, status, now, state, keep_versions)
 
         return self._write(txn)
 
-    def cancel_update(self, update_id: str, now: float) -> Deferred[None]:
+    def cancel_update(
+        self, update_id: str, now: float, state: StateBlob | None = None, keep_versions: int = 0
+    ) -> Deferred[None]:
         def txn(conn: sqlite3.Connection) -> None:
             update = _find_update(conn, update_id)
             if update is None:
                 raise NotFound("Not Found: update not found")
             if update.status != "running":
                 raise Conflict(_not_running_message(update.status))
-            _finish(conn, update_id, "cancelled", now)
+            _finish(conn, update, "cancelled", now, state, keep_versions)
 
         return self._write(txn)
 
-    def expire_leases(self, now: float) -> Deferred[list[str]]:
-        def txn(conn: sqlite3.Connection) -> list[str]:
+    def list_expired(self, now: float) -> Deferred[list[UpdateRecord]]:
+        def txn(conn: sqlite3.Connection) -> list[UpdateRecord]:
             rows = conn.execute(
-                "SELECT id FROM updates WHERE status = 'running' AND lease_expires < ?", (now,)
+                f"SELECT {_UPDATE_COLUMNS} FROM updates "
+                "WHERE status = 'running' AND lease_expires <= ?",
+                (now,),
             ).fetchall()
-            for (update_id,) in rows:
-                _finish(conn, update_id, "failed", now)
-            return [row[0] for row in rows]
+            return [_update(row) for row in rows]
+
+        return self._read(txn)
+
+    def expire_update(
+        self, update_id: str, now: float, state: StateBlob | None = None, keep_versions: int = 0
+    ) -> Deferred[bool]:
+        def txn(conn: sqlite3.Connection) -> bool:
+            update = _find_update(conn, update_id)
+            if update is None or update.status != "running" or (update.lease_expires or 0) > now:
+                return False  # renewed, finished or taken over meanwhile
+            _finish(conn, update, "failed", now, state, keep_versions)
+            return True
 
         return self._write(txn)
 
@@ -519,11 +588,7 @@ class SQLiteStore:
         def txn(conn: sqlite3.Connection) -> int:
             stack = _get_stack_by_id(conn, update.stack_id)
             now = update.created
-            if stack.locked_by:
-                holder = _find_update(conn, stack.locked_by)
-                if holder and holder.status == "running" and (holder.lease_expires or 0) > now:
-                    raise Conflict(ANOTHER_UPDATE)
-                _finish(conn, stack.locked_by, "failed", now)
+            _take_over(conn, stack, now)
             version = stack.version + 1
             _insert_update(conn, update, status="succeeded", version=version)
             _put_state(conn, stack.id, version, state)
@@ -642,7 +707,7 @@ def _insert_update(
 ) -> None:
     conn.execute(
         f"INSERT INTO updates ({_UPDATE_COLUMNS}) VALUES "
-        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             update.id,
             update.stack_id,
@@ -661,6 +726,8 @@ def _insert_update(
             json.dumps(update.resource_changes) if update.resource_changes is not None else None,
             update.journal_version,
             update.requested_by,
+            update.engine_version,
+            update.checkpoint_seq,
         ),
     )
 
@@ -676,6 +743,17 @@ def _check_lease(conn: sqlite3.Connection, update_id: str, token: str, now: floa
     return update
 
 
+def _check_writable(
+    conn: sqlite3.Connection, update_id: str, token: str, now: float
+) -> UpdateRecord:
+    update = _check_lease(conn, update_id, token, now)
+    if update.dry_run:
+        raise Forbidden(
+            "Forbidden: Updating the checkpoint is not permitted for preview operations."
+        )
+    return update
+
+
 def _not_running_message(status: str) -> str:
     return {
         "not-started": "Conflict: The Update has not started",
@@ -685,22 +763,53 @@ def _not_running_message(status: str) -> str:
     }.get(status, "Conflict: The Update is not in progress.")
 
 
-def _finish(conn: sqlite3.Connection, update_id: str, status: str, now: float) -> None:
-    update = _find_update(conn, update_id)
-    if update is None:
+def _take_over(conn: sqlite3.Connection, stack: StackRecord, now: float) -> None:
+    """Refuse while another real update holds a live lease; end one whose lease ran out.
+
+    The engine materialises an expired journaling update before it gets here; this is the
+    backstop for a lease that ran out in between.
+    """
+    if not stack.locked_by:
         return
+    holder = _find_update(conn, stack.locked_by)
+    if holder and holder.status == "running" and (holder.lease_expires or 0) > now:
+        raise Conflict(ANOTHER_UPDATE)
+    if holder is not None and holder.status == "running":
+        _finish(conn, holder, "failed", now, None, 0)
+    conn.execute("UPDATE stacks SET locked_by = NULL WHERE id = ?", (stack.id,))
+
+
+def _finish(
+    conn: sqlite3.Connection,
+    update: UpdateRecord,
+    status: str,
+    now: float,
+    state: StateBlob | None,
+    keep_versions: int,
+) -> None:
     conn.execute(
-        "UPDATE updates SET status = ?, end_time = ? WHERE id = ?", (status, now, update_id)
+        "UPDATE updates SET status = ?, end_time = ? WHERE id = ?", (status, now, update.id)
     )
     conn.execute(
         "UPDATE stacks SET locked_by = NULL WHERE id = ? AND locked_by = ?",
-        (update.stack_id, update_id),
+        (update.stack_id, update.id),
     )
-    if not update.dry_run:
+    if update.dry_run:
+        return
+    conn.execute(
+        "UPDATE stacks SET last_update_time = ? WHERE id = ? AND last_update = ?",
+        (int(now), update.stack_id, update.id),
+    )
+    if state is not None:
+        # The materialised result of journal entries or deltas becomes version N.
+        _put_state(conn, update.stack_id, update.version, state)
         conn.execute(
-            "UPDATE stacks SET last_update_time = ? WHERE id = ? AND last_update = ?",
-            (int(now), update.stack_id, update_id),
+            "UPDATE stacks SET resource_count = ? WHERE id = ? AND version = ?",
+            (state.resource_count, update.stack_id, update.version),
         )
+    conn.execute("DELETE FROM journal_batches WHERE update_id = ?", (update.id,))
+    conn.execute("DELETE FROM checkpoint_deltas WHERE update_id = ?", (update.id,))
+    _prune(conn, update.stack_id, update.version, keep_versions)
 
 
 def _put_state(conn: sqlite3.Connection, stack_id: int, version: int, state: StateBlob) -> None:

@@ -494,13 +494,19 @@ def test_expire_leases(store: Store) -> None:
     two = make_stack(store, "two")
     old = started(store, one)
     fresh = started(store, two, now=NOW + 200)
-    assert ok(store.expire_leases(NOW + 100)) == []
-    assert ok(store.expire_leases(NOW + TTL + 1)) == [old.id]
+    assert ok(store.list_expired(NOW + 100)) == []
+    assert [u.id for u in ok(store.list_expired(NOW + TTL + 1))] == [old.id]
+    # Not yet expired: expire_update leaves it alone.
+    assert ok(store.expire_update(fresh.id, NOW + TTL + 1)) is False
+    assert ok(store.expire_update(old.id, NOW + TTL + 1, blob("kept", 3))) is True
     expired = ok(store.get_update(old.id))
     assert expired is not None and expired.status == "failed"
     assert stack_of(store, one).locked_by is None
+    assert stack_of(store, one).resource_count == 3
     assert stack_of(store, two).locked_by == fresh.id
-    assert ok(store.expire_leases(NOW + TTL + 2)) == []
+    assert ok(store.list_expired(NOW + TTL + 2)) == []
+    # A second expiry of the same update is a no-op.
+    assert ok(store.expire_update(old.id, NOW + TTL + 3)) is False
 
 
 def test_import_state(store: Store) -> None:
@@ -627,3 +633,54 @@ def test_errors_are_pulumid_errors(store: Store) -> None:
     make_stack(store)
     error = fails(store.create_stack(ref(), {}, NOW, None), PulumidError)
     assert error.body() == {"code": 409, "message": error.message}
+
+
+def journaling(store: Store, stack: StackRecord, *, now: float = NOW) -> UpdateRecord:
+    update = new_update(stack.id, created=now)
+    ok(store.create_update(update))
+    return ok(store.start_update(update.id, "t", now, now + TTL, None, 1, "v3.259.0"))
+
+
+def test_journal_batches_kept_in_order_until_the_update_ends(store: Store) -> None:
+    stack = make_stack(store)
+    update = journaling(store, stack)
+    assert update.journal_version == 1 and update.engine_version == "v3.259.0"
+    ok(store.append_journal(update.id, "t", NOW + 1, b"first"))
+    ok(store.append_journal(update.id, "t", NOW + 2, b"second"))
+    assert ok(store.get_journal(update.id)) == [b"first", b"second"]
+    fails(store.append_journal(update.id, "wrong", NOW + 3, b"x"), Forbidden)
+    ok(store.complete_update(update.id, "t", NOW + 4, "failed", 0, blob("replayed", 2)))
+    # The materialised state is version N; the batches are gone.
+    assert ok(store.get_journal(update.id)) == []
+    assert state_text(store, stack.id, None) == "replayed"
+    assert stack_of(store, stack).resource_count == 2
+    fails(store.append_journal(update.id, "t", NOW + 5, b"late"), Conflict)
+
+
+def test_journal_refused_without_journaling(store: Store) -> None:
+    update = started(store, make_stack(store))
+    fails(store.append_journal(update.id, "t", NOW + 1, b"x"), BadRequest)
+
+
+def test_deltas_superseded_by_a_full_checkpoint(store: Store) -> None:
+    stack = make_stack(store)
+    update = started(store, stack)
+    ok(store.save_checkpoint(update.id, "t", NOW + 1, blob("full", 1), 1))
+    ok(store.save_delta(update.id, "t", NOW + 2, 2, b"d2"))
+    ok(store.save_delta(update.id, "t", NOW + 3, 3, b"d3"))
+    ok(store.save_delta(update.id, "t", NOW + 3, 3, b"d3"))  # a retry
+    assert ok(store.get_deltas(update.id)) == [(2, b"d2"), (3, b"d3")]
+    record = ok(store.get_update(update.id))
+    assert record is not None and record.checkpoint_seq == 3
+    ok(store.save_checkpoint(update.id, "t", NOW + 4, blob("full again", 1), 4))
+    assert ok(store.get_deltas(update.id)) == []
+    ok(store.save_delta(update.id, "t", NOW + 5, 5, b"d5"))
+    ok(store.cancel_update(update.id, NOW + 6, blob("materialised", 1)))
+    assert ok(store.get_deltas(update.id)) == []
+    assert state_text(store, stack.id, None) == "materialised"
+
+
+def test_previews_cannot_write_deltas_or_journals(store: Store) -> None:
+    preview = started(store, make_stack(store), dry_run=True)
+    fails(store.save_delta(preview.id, "t", NOW + 1, 1, b"d"), Forbidden)
+    fails(store.append_journal(preview.id, "t", NOW + 1, b"j"), Forbidden)

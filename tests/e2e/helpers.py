@@ -185,6 +185,9 @@ class Daemon:
             "master_key": self.master_key,
             "organization": self.org,
             "user": self.user,
+            # Every checkpoint after an update's first is a delta: CLIs that do not journal
+            # (3.210.0, or PULUMI_DISABLE_JOURNALING) exercise the delta path end to end.
+            "delta_cutoff": 0,
         }
         base.update(self.flags)
         return [str(TWISTD), "-n", "--pidfile=", "pulumid", *_flag_args(base)]

@@ -17,6 +17,7 @@ from pulumid.config import Config
 from pulumid.engine import deployments
 from pulumid.engine.backend import Backend
 from pulumid.engine.events import EventBuffer
+from pulumid.engine.inflight import InFlight
 from pulumid.engine.secrets import StackSecrets
 from pulumid.errors import BadRequest, Conflict, Forbidden, NotFound
 from pulumid.secrets.crypto import MasterKey
@@ -89,7 +90,9 @@ def _env(tmp_path: Path, **overrides: Any) -> Env:
     cpu = InlineRunner()
     secrets = StackSecrets(store, MasterKey.generate(), cpu)
     events = EventBuffer(store)
-    return Env(Backend(config, store, clock, cpu, secrets, events), clock, store, events)
+    inflight = InFlight(store, cpu, clock, config.max_body_size)
+    backend = Backend(config, store, clock, cpu, secrets, events, inflight)
+    return Env(backend, clock, store, events)
 
 
 @pytest.fixture
@@ -131,7 +134,7 @@ def test_expired_lease_frees_the_stack(env: Env) -> None:
     assert env.status(update.id) == "failed"
     assert ok(env.backend.stack(ref)).locked_by is None
     assert update.token
-    fails(env.backend.checkpoint(ref, update.id, update.token, deployment_body(), False), Conflict)
+    fails(env.backend.checkpoint(ref, update.id, update.token, deployment_body()), Conflict)
     # The next update starts at once.
     assert env.start(ref).status == "running"
 
@@ -148,7 +151,7 @@ def test_renewed_lease_survives(env: Env) -> None:
         assert ok(env.backend.expire_leases()) == []
     env.clock.advance(TTL - 1)
     assert ok(env.backend.expire_leases()) == []
-    ok(env.backend.checkpoint(ref, update.id, update.token, deployment_body(), False))
+    ok(env.backend.checkpoint(ref, update.id, update.token, deployment_body()))
     assert env.status(update.id) == "running"
 
 
@@ -193,9 +196,7 @@ def test_dry_runs_neither_lock_nor_bump(env: Env, kind: str, dry_run: bool) -> N
     stack = ok(env.backend.stack(ref))
     assert (stack.version, stack.locked_by) == (0, None)
     assert preview.token
-    fails(
-        env.backend.checkpoint(ref, preview.id, preview.token, deployment_body(), False), Forbidden
-    )
+    fails(env.backend.checkpoint(ref, preview.id, preview.token, deployment_body()), Forbidden)
     real = env.start(ref)
     assert real.version == 1
     ok(env.backend.complete(ref, preview.id, preview.token, "succeeded"))
@@ -493,15 +494,15 @@ def test_checkpoint_then_export(env: Env) -> None:
     update = env.start(ref)
     assert update.token
     body = b'{"isInvalid":false,"version":3,"deployment":{"resources":[{"urn":"\\u003c"}]}}'
-    ok(env.backend.checkpoint(ref, update.id, update.token, body, False))
+    ok(env.backend.checkpoint(ref, update.id, update.token, body))
     blob = ok(env.backend.export(ref, 1))
     text = deployments.gunzip_blocking(blob.gzipped, 1 << 20)
     assert text == b'{"version":3,"deployment":{"resources":[{"urn":"\\u003c"}]}}'
     verbatim = b'{"version":3,"untypedDeployment":{"version":3,"deployment":{}},"sequenceNumber":1}'
-    ok(env.backend.checkpoint(ref, update.id, update.token, verbatim, True))
+    ok(env.backend.checkpoint_verbatim(ref, update.id, update.token, verbatim))
     blob = ok(env.backend.export(ref, None))
     assert deployments.gunzip_blocking(blob.gzipped, 1 << 20) == b'{"version":3,"deployment":{}}'
-    fails(env.backend.checkpoint(ref, update.id, "wrong", body, False), Forbidden)
+    fails(env.backend.checkpoint(ref, update.id, "wrong", body), Forbidden)
 
 
 # -- timers -------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pulumid.engine.deployments import (
     raw_members,
     untyped_state_blocking,
     untyped_state_from_value_blocking,
-    verbatim_state_blocking,
+    verbatim_text_blocking,
 )
 from pulumid.errors import BadRequest, TooLarge
 
@@ -149,17 +149,17 @@ def test_checkpoint_validation(body: bytes) -> None:
 def test_verbatim_keeps_the_bytes_exactly() -> None:
     untyped = f'{{"version":3,"deployment":{DEPLOYMENT}}}'
     body = f'{{"version":3,"untypedDeployment":{untyped},"sequenceNumber":7}}'.encode()
-    state, sequence = verbatim_state_blocking(body)
-    assert unzip(state.gzipped) == untyped.encode()
+    text, count, sequence = verbatim_text_blocking(body)
+    assert text == untyped.encode()
     assert sequence == 7
-    assert state.resource_count == 1
+    assert count == 1
 
 
 def test_verbatim_keeps_non_ascii_bytes() -> None:
     untyped = '{"version":3,"deployment":{"resources":[{"urn":"naïve ☃"}]}}'
     body = f'{{"version":3,"untypedDeployment":{untyped},"sequenceNumber":1}}'.encode()
-    state, _ = verbatim_state_blocking(body)
-    assert unzip(state.gzipped) == untyped.encode()
+    text, _count, _sequence = verbatim_text_blocking(body)
+    assert text == untyped.encode()
 
 
 @pytest.mark.parametrize(
@@ -173,7 +173,7 @@ def test_verbatim_keeps_non_ascii_bytes() -> None:
 )
 def test_verbatim_validation(body: bytes) -> None:
     with pytest.raises(BadRequest):
-        verbatim_state_blocking(body)
+        verbatim_text_blocking(body)
 
 
 # -- untyped (import, create with state) --------------------------------------------------
