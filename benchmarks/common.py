@@ -1,0 +1,333 @@
+"""Shared plumbing for the benchmarks: artifacts, a clean environment, server processes.
+
+Artifacts (the `pulumi` CLI, the YAML language host, the test provider, MinIO) are the ones
+the end-to-end tests use, cached under ${PULUMID_CACHE:-~/.cache/pulumid}. A missing one is
+an error (`BenchmarkError`) that names the command that builds it; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from tests.e2e.helpers import (
+    AGENT_MARKER_PREFIXES,
+    AGENT_MARKERS,
+    CACHE,
+    REPO,
+    YAML_HOST_VERSION,
+    free_port,
+)
+
+__all__ = [
+    "CACHE",
+    "REPO",
+    "BenchmarkError",
+    "Server",
+    "build_minio",
+    "build_provider",
+    "clean_environment",
+    "cli_binary",
+    "free_port",
+    "http_ready",
+    "minio_server",
+    "new_token",
+    "port_ready",
+    "pulumid_server",
+    "yaml_host_dir",
+]
+
+TWISTD = Path(sys.executable).parent / "twistd"
+MINIO_USER = "pulumidbench"
+MINIO_PASSWORD = "pulumidbench-secret"
+
+
+class BenchmarkError(RuntimeError):
+    """A benchmark cannot go on: a missing artifact, a server that did not start, a failed
+    CLI command. The message says what happened and, where it can, how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------
+# Artifacts
+
+
+def _require_executable(path: Path, what: str, how: str) -> Path:
+    if not path.is_file() or not os.access(path, os.X_OK):
+        raise BenchmarkError(
+            f"{what} not found at {path}; build it first with: {how} "
+            f"(artifacts live under ${{PULUMID_CACHE:-~/.cache/pulumid}}, here {CACHE})"
+        )
+    return path
+
+
+def cli_binary(version: str) -> Path:
+    return _require_executable(
+        CACHE / "cli" / version / "pulumi",
+        f"pulumi CLI {version}",
+        f"scripts/build-pulumi.sh cli {version}",
+    )
+
+
+def yaml_host_dir() -> Path:
+    """The directory of the YAML language host (for the program's `plugins: languages:`)."""
+    binary = _require_executable(
+        CACHE / "yaml" / YAML_HOST_VERSION / "pulumi-language-yaml",
+        f"YAML language host {YAML_HOST_VERSION}",
+        f"scripts/build-pulumi.sh yaml {YAML_HOST_VERSION}",
+    )
+    return binary.parent
+
+
+def _run_build_script(name: str, timeout: float) -> Path:
+    """Run scripts/NAME (each caches its result) and return the last line it printed."""
+    script = REPO / "scripts" / name
+    if not script.is_file():
+        raise BenchmarkError(f"{script} is missing")
+    proc = subprocess.run(
+        ["bash", str(script)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    lines = [line.strip() for line in proc.stdout.splitlines() if line.strip()]
+    if proc.returncode != 0 or not lines:
+        raise BenchmarkError(
+            f"scripts/{name} failed ({proc.returncode}):\n"
+            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-5000:]}"
+        )
+    return Path(lines[-1])
+
+
+def build_provider() -> Path:
+    """The directory holding `pulumi-resource-pulumidtest` (scripts/build-provider.sh)."""
+    directory = _run_build_script("build-provider.sh", 900)
+    _require_executable(
+        directory / "pulumi-resource-pulumidtest",
+        "test provider pulumi-resource-pulumidtest",
+        "scripts/build-provider.sh",
+    )
+    return directory
+
+
+def build_minio() -> Path:
+    """The MinIO server binary (scripts/build-minio.sh; a cold build takes minutes)."""
+    return _require_executable(
+        _run_build_script("build-minio.sh", 1800), "MinIO server", "scripts/build-minio.sh"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Environment
+
+
+def clean_environment() -> dict[str, str]:
+    """This process's environment without PULUMI_*, PULUMID_*, AWS_* and the variables by
+    which the CLI detects an AI coding agent (it would then try an agent sign-up)."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PULUMI_", "PULUMID_", "AWS_"))
+        and k not in AGENT_MARKERS
+        and not k.startswith(AGENT_MARKER_PREFIXES)
+    }
+
+
+def new_token() -> str:
+    return "pul-" + secrets.token_hex(20)
+
+
+# --------------------------------------------------------------------------------------------
+# Server processes
+
+
+def port_ready(port: int) -> Callable[[], bool]:
+    """Readiness: something accepts TCP connections on 127.0.0.1:PORT."""
+
+    def ready() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    return ready
+
+
+def http_ready(url: str, headers: Mapping[str, str] | None = None) -> Callable[[], bool]:
+    """Readiness: GET URL answers 200."""
+
+    def ready() -> bool:
+        request = urllib.request.Request(url, headers=dict(headers or {}))
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                return bool(response.status == 200)
+        except (OSError, urllib.error.HTTPError):
+            return False
+
+    return ready
+
+
+@dataclass
+class Server:
+    """A server process in its own session (so stopping it stops its children), with its
+    output in `log_path`, started and waited for with `start()`."""
+
+    name: str
+    command: Sequence[str]
+    workdir: Path
+    ready: Callable[[], bool]
+    env: dict[str, str] = field(default_factory=clean_environment)
+    proc: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.name}.log"
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise BenchmarkError(f"{self.name} is not running")
+        return self.proc.pid
+
+    def log_tail(self, size: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-size:]
+        except FileNotFoundError:
+            return "(no log)"
+
+    def start(self, timeout: float = 60.0) -> Server:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            list(self.command),
+            cwd=self.workdir,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if self.proc.poll() is not None:
+                code = self.proc.returncode
+                self.stop()
+                raise BenchmarkError(
+                    f"{self.name} exited with {code} during startup\n"
+                    f"command: {list(self.command)}\nlog:\n{self.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise BenchmarkError(
+                    f"{self.name} was not ready within {timeout:.0f}s\n"
+                    f"command: {list(self.command)}\nlog:\n{self.log_tail()}"
+                )
+            time.sleep(0.1)
+        return self
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM the process group; SIGKILL it if it has not exited within `timeout`."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                _signal_group(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    _signal_group(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            # Children that outlived the leader (a shell's server, say).
+            _signal_group(proc.pid, signal.SIGKILL)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def pulumid_server(
+    workdir: Path,
+    *,
+    port: int,
+    token: str,
+    database: Path | None = None,
+    source: Path = REPO,
+    org: str = "acme",
+    user: str = "alice",
+    extra_args: Sequence[str] = (),
+) -> Server:
+    """`twistd -n pulumid` on 127.0.0.1:PORT; the database defaults to WORKDIR/pulumid.sqlite
+    (a fresh one if the file does not exist); the log is WORKDIR/pulumid.log. SOURCE is the
+    source tree whose `pulumid` package runs (put first on PYTHONPATH; default: this one)."""
+    if not TWISTD.is_file():
+        raise BenchmarkError(f"{TWISTD} is missing (install pulumid into this venv)")
+    command = [
+        str(TWISTD),
+        "-n",
+        "--pidfile=",
+        "pulumid",
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--database",
+        str(database or workdir / "pulumid.sqlite"),
+        "--token",
+        token,
+        "--master-key",
+        secrets.token_hex(32),
+        "--organization",
+        org,
+        "--user",
+        user,
+        *extra_args,
+    ]
+    env = clean_environment()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(source), env.get("PYTHONPATH", "")) if p)
+    ready = http_ready(
+        f"http://127.0.0.1:{port}/api/capabilities", {"Authorization": f"token {token}"}
+    )
+    return Server("pulumid", command, workdir, ready, env)
+
+
+def minio_server(
+    binary: Path, workdir: Path, *, data: Path, port: int, console_port: int
+) -> Server:
+    """MinIO on 127.0.0.1:PORT storing its objects in DATA (root user MINIO_USER); its log
+    is WORKDIR/minio.log."""
+    env = clean_environment()
+    env.update(
+        MINIO_ROOT_USER=MINIO_USER,
+        MINIO_ROOT_PASSWORD=MINIO_PASSWORD,
+        MINIO_BROWSER="off",
+        MINIO_UPDATE="off",
+    )
+    command = [
+        str(binary),
+        "server",
+        str(data),
+        "--quiet",
+        "--address",
+        f"127.0.0.1:{port}",
+        "--console-address",
+        f"127.0.0.1:{console_port}",
+    ]
+    ready = http_ready(f"http://127.0.0.1:{port}/minio/health/live")
+    return Server("minio", command, workdir, ready, env)

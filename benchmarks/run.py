@@ -1,0 +1,668 @@
+"""The real `pulumi` CLI against several state backends, side by side, on one machine.
+
+    python -m benchmarks.run --sizes 10,200 --backends pulumid,file,s3,floor --repeats 3 \\
+        --out /tmp/bench
+
+Workload (the same for every backend): a YAML program of N independent
+`pulumidtest:index:Item` resources (the test provider, tests/provider), each with a 16 KB
+`payload` output, and these operations in order, each timed as the CLI's wall-clock time:
+
+    create    up --yes --skip-preview            (N new resources)
+    noop-1    up --yes --skip-preview            (nothing changes)
+    noop-2    up --yes --skip-preview            (nothing changes)
+    add-2     up --yes --skip-preview            (the program has 2 more items)
+    export    stack export --file ...
+    destroy   destroy --yes --skip-preview
+
+Backends:
+
+    pulumid   a fresh `twistd pulumid` (new database) per run, logged in with a token
+    file      the CLI's own file:// backend (a fresh directory per run)
+    s3        the CLI's s3:// backend against a local MinIO (a fresh bucket per run)
+    floor     file:// with PULUMI_SKIP_CHECKPOINTS=true: no intermediate checkpoints at all
+    NAME      any other server given with --peer NAME=COMMAND: COMMAND is a shell command with
+              {port}, {token} and {dir} (a fresh, empty directory) placeholders that starts
+              the server on 127.0.0.1:{port}; the CLI logs in at http://127.0.0.1:{port}
+              with PULUMI_ACCESS_TOKEN={token}
+
+Every backend run gets a fresh PULUMI_HOME, PULUMI_SKIP_UPDATE_CHECK=true,
+PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION=true and no AI-agent variables. Logging in and
+`stack init` are not timed. Output in --out: measurements.csv (every measurement),
+results.md (medians with ratios against pulumid and the floor), benchmarks.png, meta.json,
+and logs/ (every command's output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    MINIO_PASSWORD,
+    MINIO_USER,
+    REPO,
+    BenchmarkError,
+    Server,
+    build_minio,
+    build_provider,
+    clean_environment,
+    cli_binary,
+    free_port,
+    minio_server,
+    new_token,
+    port_ready,
+    pulumid_server,
+    yaml_host_dir,
+)
+from benchmarks.report import (
+    Measurement,
+    markdown_tables,
+    medians,
+    read_csv,
+    read_meta,
+    write_csv,
+    write_docs,
+    write_meta,
+    write_reports,
+)
+from tests.e2e.helpers import YAML_HOST_VERSION
+from tests.e2e.programs import write_yaml_program
+
+OPERATIONS = ("create", "noop-1", "noop-2", "add-2", "export", "destroy")
+BUILTIN_BACKENDS = ("pulumid", "file", "s3", "floor")
+DEFAULT_SIZES = (10, 200, 600)
+DEFAULT_CLI_VERSION = "3.259.0"
+PAYLOAD_SIZE = 16384
+ADDED = 2
+PROJECT = "bench"
+STACK = "dev"
+PASSPHRASE = "pulumid-benchmark"
+WORKLOAD = (
+    "N independent pulumidtest:index:Item resources with a 16 KB payload each (YAML program); "
+    "create, no-op up, no-op up, add 2 resources, stack export, destroy"
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Backends
+
+
+@dataclass
+class Target:
+    """Where the CLI logs in, and the environment it needs for that."""
+
+    url: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class Backend:
+    """One kind of state backend. `open` prepares a fresh one for a single workload run in
+    WORKDIR (logs in LOGS); `close` tears it down again."""
+
+    name: str = ""
+
+    def open(self, workdir: Path, logs: Path) -> Target:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop whatever `open` started (a no-op by default)."""
+
+
+class PulumidBackend(Backend):
+    name = "pulumid"
+
+    def __init__(self, source: Path) -> None:
+        self.source = source
+        self.server: Server | None = None
+
+    def open(self, workdir: Path, logs: Path) -> Target:
+        port, token = free_port(), new_token()
+        self.server = pulumid_server(
+            logs,
+            port=port,
+            token=token,
+            database=workdir / "pulumid.sqlite",
+            source=self.source,
+        ).start()
+        return Target(f"http://127.0.0.1:{port}", {"PULUMI_ACCESS_TOKEN": token})
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+class FileBackend(Backend):
+    def __init__(self, name: str, *, skip_checkpoints: bool) -> None:
+        self.name = name
+        self.skip_checkpoints = skip_checkpoints
+
+    def open(self, workdir: Path, logs: Path) -> Target:
+        state = workdir / "state"
+        state.mkdir(parents=True)
+        env = {"PULUMI_CONFIG_PASSPHRASE": PASSPHRASE}
+        if self.skip_checkpoints:
+            env["PULUMI_SKIP_CHECKPOINTS"] = "true"
+        return Target(f"file://{state}", env)
+
+
+class Minio:
+    """One MinIO server for the whole run (started on first use), a bucket per backend run."""
+
+    def __init__(self, workdir: Path, logs: Path) -> None:
+        self.workdir = workdir
+        self.logs = logs
+        self.server: Server | None = None
+        self.port = 0
+        self.binary: Path | None = None
+
+    def start(self) -> None:
+        if self.server is not None:
+            return
+        self.binary = build_minio()
+        self.port = free_port()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        server = minio_server(
+            self.binary,
+            self.logs,
+            data=self.workdir / "data",
+            port=self.port,
+            console_port=free_port(),
+        )
+        self.server = server.start(timeout=120)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def create_bucket(self, name: str) -> None:
+        try:
+            import boto3
+        except ImportError as exc:
+            raise BenchmarkError("the s3 backend needs boto3 (pip install boto3)") from exc
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=MINIO_USER,
+            aws_secret_access_key=MINIO_PASSWORD,
+            region_name="us-east-1",
+        )
+        client.create_bucket(Bucket=name)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+class S3Backend(Backend):
+    name = "s3"
+
+    def __init__(self, minio: Minio) -> None:
+        self.minio = minio
+
+    def open(self, workdir: Path, logs: Path) -> Target:
+        self.minio.start()
+        bucket = f"bench-{uuid.uuid4().hex[:16]}"
+        self.minio.create_bucket(bucket)
+        url = f"s3://{bucket}?endpoint={self.minio.endpoint}&use_path_style=true&region=us-east-1"
+        env = {
+            "AWS_ACCESS_KEY_ID": MINIO_USER,
+            "AWS_SECRET_ACCESS_KEY": MINIO_PASSWORD,
+            "AWS_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "PULUMI_CONFIG_PASSPHRASE": PASSPHRASE,
+        }
+        return Target(url, env)
+
+
+class PeerBackend(Backend):
+    """Any other backend server, started by a shell command per run."""
+
+    def __init__(self, name: str, command: str) -> None:
+        self.name = name
+        self.command = command
+        self.server: Server | None = None
+
+    def open(self, workdir: Path, logs: Path) -> Target:
+        port, token = free_port(), new_token()
+        data = workdir / "peer-data"
+        data.mkdir(parents=True)
+        command = (
+            self.command.replace("{port}", str(port))
+            .replace("{token}", token)
+            .replace("{dir}", shlex.quote(str(data)))
+        )
+        server = Server(self.name, ["bash", "-c", command], logs, port_ready(port))
+        self.server = server.start(timeout=120)
+        return Target(f"http://127.0.0.1:{port}", {"PULUMI_ACCESS_TOKEN": token})
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+# --------------------------------------------------------------------------------------------
+# The workload
+
+
+@dataclass
+class Tools:
+    cli: Path
+    cli_version: str
+    yaml_host_dir: Path
+    provider_dir: Path
+    timeout: float
+
+
+def cli_env(home: Path, target: Target) -> dict[str, str]:
+    env = clean_environment()
+    env.update(
+        PULUMI_HOME=str(home),
+        PULUMI_SKIP_UPDATE_CHECK="true",
+        PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION="true",
+        NO_COLOR="1",
+    )
+    env.update(target.env)
+    return env
+
+
+def run_cli(
+    tools: Tools, args: Sequence[str], *, cwd: Path, env: Mapping[str, str], log: Path
+) -> float:
+    """Run `pulumi ARGS` with its output appended to LOG; return its wall-clock seconds.
+    A non-zero exit is a BenchmarkError with the end of the output."""
+    command = [str(tools.cli), *args]
+    with log.open("ab") as sink:
+        sink.write(f"$ pulumi {shlex.join(args)}\n".encode())
+        sink.flush()
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            proc.wait(tools.timeout)
+        except BaseException as exc:
+            # Timed out or interrupted: stop the CLI with its language host and providers.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise BenchmarkError(
+                    f"pulumi {shlex.join(args)} timed out after {tools.timeout:.0f}s "
+                    f"(output in {log})"
+                ) from exc
+            raise
+        seconds = time.perf_counter() - start
+        sink.write(f"# exit {proc.returncode} after {seconds:.3f}s\n\n".encode())
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise BenchmarkError(
+            f"pulumi {shlex.join(args)} exited {proc.returncode} (log {log}):\n{tail}"
+        )
+    return seconds
+
+
+def write_program(tools: Tools, directory: Path, items: int) -> None:
+    # `extra_resources` items are independent (no parent, no dependsOn): a flat program that
+    # the engine deploys in parallel. No chained items and no secret.
+    write_yaml_program(
+        directory,
+        project=PROJECT,
+        provider_dir=tools.provider_dir,
+        count=0,
+        extra_resources=items,
+        payload_size=PAYLOAD_SIZE,
+        with_secret=False,
+        yaml_host_dir=tools.yaml_host_dir,
+    )
+
+
+def run_workload(
+    tools: Tools,
+    backend: Backend,
+    size: int,
+    repeat: int,
+    workdir: Path,
+    logs: Path,
+    report: Callable[[Measurement], None],
+) -> None:
+    """One backend run: a fresh backend, PULUMI_HOME and project; every operation timed."""
+    workdir.mkdir(parents=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    project = workdir / "project"
+    write_program(tools, project, size)
+    try:
+        target = backend.open(workdir, logs)
+        env = cli_env(workdir / "home", target)
+        log = logs / "cli.log"
+
+        def pulumi(*args: str) -> float:
+            return run_cli(tools, args, cwd=project, env=env, log=log)
+
+        pulumi("login", target.url)
+        pulumi("stack", "init", STACK)
+        up = ("up", "--yes", "--skip-preview", "--stack", STACK)
+        export = workdir / "export.json"
+        for operation in OPERATIONS:
+            if operation == "add-2":
+                write_program(tools, project, size + ADDED)
+            if operation == "export":
+                seconds = pulumi("stack", "export", "--stack", STACK, "--file", str(export))
+            elif operation == "destroy":
+                seconds = pulumi("destroy", "--yes", "--skip-preview", "--stack", STACK)
+            else:
+                seconds = pulumi(*up)
+            report(Measurement(backend.name, size, operation, repeat, seconds))
+            if operation == "export":
+                _check_export(export, size + ADDED)
+    finally:
+        backend.close()
+
+
+def _check_export(path: Path, items: int) -> None:
+    """The exported state holds the stack, the provider and every item: the workload did what
+    it claims (not timed)."""
+    document = json.loads(path.read_text(encoding="utf-8"))
+    resources = (document.get("deployment") or {}).get("resources") or []
+    found = sum(1 for r in resources if str(r.get("type")) == "pulumidtest:index:Item")
+    if found != items:
+        raise BenchmarkError(f"the exported state has {found} items, expected {items}")
+
+
+# --------------------------------------------------------------------------------------------
+# The command line
+
+
+def _parse_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise argparse.ArgumentTypeError("sizes must be positive integers")
+    return sizes
+
+
+def _parse_backends(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in BUILTIN_BACKENDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown backend(s) {unknown}; choose from {', '.join(BUILTIN_BACKENDS)} "
+            "(add other servers with --peer NAME=COMMAND)"
+        )
+    return list(dict.fromkeys(names))
+
+
+def _parse_peer(text: str) -> tuple[str, str]:
+    name, sep, command = text.partition("=")
+    name = name.strip()
+    if not sep or not name or not command.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=COMMAND, got {text!r}")
+    if name in BUILTIN_BACKENDS or not name.replace("-", "").replace("_", "").isalnum():
+        raise argparse.ArgumentTypeError(f"bad peer name {name!r}")
+    if "{port}" not in command:
+        raise argparse.ArgumentTypeError("the peer command needs a {port} placeholder")
+    return name, command
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description="Run the pulumi CLI workload against several state backends.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 2)[2] if __doc__ else None,
+    )
+    p.add_argument(
+        "--sizes",
+        type=_parse_sizes,
+        default=list(DEFAULT_SIZES),
+        help="resource counts, comma-separated (default: 10,200,600)",
+    )
+    p.add_argument(
+        "--backends",
+        type=_parse_backends,
+        default=list(BUILTIN_BACKENDS),
+        help="built-in backends, comma-separated (default: pulumid,file,s3,floor)",
+    )
+    p.add_argument("--repeats", type=int, default=3, help="runs per backend and size (3)")
+    p.add_argument("--cli-version", default=DEFAULT_CLI_VERSION, help="pulumi CLI version")
+    p.add_argument("--out", type=Path, default=Path("benchmark-results"), help="output dir")
+    p.add_argument(
+        "--peer",
+        type=_parse_peer,
+        action="append",
+        default=[],
+        metavar="NAME=COMMAND",
+        help="another backend server started by a shell command ({port}, {token}, {dir})",
+    )
+    p.add_argument(
+        "--pulumid-source",
+        type=Path,
+        default=REPO,
+        metavar="DIR",
+        help="the source tree whose pulumid package runs (default: this checkout)",
+    )
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per CLI command (1800)")
+    p.add_argument(
+        "--keep", action="store_true", help="keep each run's state and PULUMI_HOME in OUT/work"
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: rebuild results.md and the chart from OUT/measurements.csv",
+    )
+    p.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="also write the results section of docs/benchmarks.md and docs/benchmarks.png",
+    )
+    return p
+
+
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = "?"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory = f"{int(line.split()[1]) / 1024 / 1024:.0f} GiB"
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory": memory,
+        "os": f"{platform.system()} {platform.release()}",
+    }
+
+
+def _pulumid_version(source: Path) -> str:
+    """The git commit of the pulumid source tree (`-dirty` with local changes), if any."""
+    try:
+        proc = subprocess.run(
+            ["git", "-C", str(source), "describe", "--always", "--dirty", "--abbrev=10"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except OSError:
+        return str(source)
+    described = proc.stdout.strip()
+    return f"git {described}" if proc.returncode == 0 and described else str(source)
+
+
+def _meta(args: argparse.Namespace, backends: Sequence[str], minio: Path | None) -> dict[str, Any]:
+    argv = ["python", "-m", "benchmarks.run", *sys.argv[1:]]
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": _machine(),
+        "versions": {
+            "cli": args.cli_version,
+            "yaml": YAML_HOST_VERSION,
+            "python": platform.python_version(),
+            "pulumid": _pulumid_version(args.pulumid_source.resolve()),
+            "minio": minio.parent.name if minio is not None else None,
+        },
+        "workload": WORKLOAD,
+        "command": shlex.join(argv),
+        "sizes": list(args.sizes),
+        "repeats": args.repeats,
+        "backends": list(backends),
+        "peers": dict(args.peer),
+    }
+
+
+def _make_backends(
+    names: Sequence[str], peers: Sequence[tuple[str, str]], minio: Minio, source: Path
+) -> list[Backend]:
+    made: list[Backend] = []
+    for name in names:
+        if name == "pulumid":
+            made.append(PulumidBackend(source))
+        elif name == "file":
+            made.append(FileBackend("file", skip_checkpoints=False))
+        elif name == "floor":
+            made.append(FileBackend("floor", skip_checkpoints=True))
+        elif name == "s3":
+            made.append(S3Backend(minio))
+    made += [PeerBackend(name, command) for name, command in peers]
+    if len({b.name for b in made}) != len(made):
+        raise BenchmarkError("backend names must be unique")
+    return made
+
+
+def run(args: argparse.Namespace) -> int:
+    out: Path = args.out.resolve()
+    if args.report_only:
+        stored = read_csv(out / "measurements.csv")
+        stored_meta = read_meta(out / "meta.json")
+        write_reports(out, stored, stored_meta)
+        if args.write_docs:
+            write_docs(out)
+        print(markdown_tables(medians(stored, stored_meta.get("backends") or ())))
+        return 0
+    if args.repeats < 1:
+        raise BenchmarkError("--repeats must be at least 1")
+    tools = Tools(
+        cli=cli_binary(args.cli_version),
+        cli_version=args.cli_version,
+        yaml_host_dir=yaml_host_dir(),
+        provider_dir=build_provider(),
+        timeout=args.timeout,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    work, logs = out / "work", out / "logs"
+    if work.exists():
+        shutil.rmtree(work)
+    if logs.exists():
+        shutil.rmtree(logs)
+    minio = Minio(work / "minio", logs / "minio")
+    backends = _make_backends(args.backends, args.peer, minio, args.pulumid_source.resolve())
+    if "s3" in args.backends:
+        minio.start()  # fail early (and build it) rather than after the first backends ran
+    meta = _meta(args, [b.name for b in backends], minio.binary)
+    write_meta(out / "meta.json", meta)
+    measurements: list[Measurement] = []
+    failures: list[str] = []
+
+    def record(m: Measurement) -> None:
+        measurements.append(m)
+        print(
+            f"{m.backend:>10}  N={m.size:<5} repeat {m.repeat}  {m.operation:<8} {m.seconds:9.3f}s",
+            flush=True,
+        )
+
+    print(
+        f"pulumi CLI {args.cli_version}, sizes {args.sizes}, backends "
+        f"{[b.name for b in backends]}, {args.repeats} repeat(s); output in {out}",
+        flush=True,
+    )
+    try:
+        for size in args.sizes:
+            for repeat in range(1, args.repeats + 1):
+                # Rotate the order per repeat so no backend always runs first or last.
+                shift = (repeat - 1) % len(backends)
+                for backend in backends[shift:] + backends[:shift]:
+                    run_dir = work / f"{backend.name}-{size}-{repeat}"
+                    try:
+                        run_workload(
+                            tools,
+                            backend,
+                            size,
+                            repeat,
+                            run_dir,
+                            logs / f"{backend.name}-{size}-{repeat}",
+                            record,
+                        )
+                    except BenchmarkError as exc:
+                        failures.append(f"{backend.name} N={size} repeat {repeat}: {exc}")
+                        print(f"{backend.name:>10}  N={size:<5} FAILED: {exc}", flush=True)
+                    finally:
+                        if not args.keep:
+                            shutil.rmtree(run_dir, ignore_errors=True)
+                    # Keep partial results on disk as the run goes.
+                    write_csv(out / "measurements.csv", measurements)
+    finally:
+        minio.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    if measurements:
+        csv_path, md_path, png_path = write_reports(out, measurements, meta)
+        print()
+        print(markdown_tables(medians(measurements, meta["backends"])))
+        print(f"wrote {csv_path}, {md_path}, {png_path}")
+        if args.write_docs:
+            write_docs(out)
+            print("wrote docs/benchmarks.md (results section) and docs/benchmarks.png")
+    if failures:
+        print(f"\n{len(failures)} backend run(s) failed:", file=sys.stderr)
+        for failure in failures:
+            print(f"- {failure}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return run(args)
+    except BenchmarkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
