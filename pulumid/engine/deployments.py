@@ -12,6 +12,8 @@ import json
 import zlib
 from typing import Any
 
+import orjson
+
 from pulumid.errors import BadRequest, TooLarge
 from pulumid.storage.records import StateBlob
 
@@ -44,7 +46,7 @@ def gunzip_blocking(data: bytes, limit: int) -> bytes:
 
 def load_json_blocking(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        return orjson.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("Bad Request: the request body is not valid JSON") from None
 
@@ -127,7 +129,7 @@ def untyped_state_from_value_blocking(value: Any) -> StateBlob:
         raise BadRequest("Bad Request: 'state' must be a JSON object")
     _check_version(value.get("version"))
     count = count_resources(value.get("deployment"))
-    text = json.dumps(value, separators=(",", ":")).encode()
+    text = orjson.dumps(value)
     return StateBlob(gzip_blocking(text), count)
 
 
@@ -147,7 +149,7 @@ def checkpoint_state_blocking(body: bytes) -> StateBlob:
 
 
 def parse_state_blocking(blob: StateBlob) -> dict[str, Any]:
-    return json.loads(gunzip_blocking(blob.gzipped, 1 << 34))  # type: ignore[no-any-return]
+    return orjson.loads(gunzip_blocking(blob.gzipped, 1 << 34))  # type: ignore[no-any-return]
 
 
 def verbatim_text_blocking(body: bytes) -> tuple[bytes, int, int]:
@@ -243,5 +245,5 @@ def state_from_text_blocking(text: bytes) -> StateBlob:
 
 
 def state_from_document_blocking(document: dict[str, Any]) -> StateBlob:
-    text = json.dumps(document, separators=(",", ":")).encode()
+    text = orjson.dumps(document)
     return StateBlob(gzip_blocking(text), count_resources(document.get("deployment")))

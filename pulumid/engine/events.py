@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+import orjson
 from twisted.logger import Logger
 
 from pulumid.storage.interface import Store
@@ -28,11 +28,7 @@ class EventBuffer:
     async def add(self, update_id: str, events: list[dict[str, Any]]) -> None:
         batch = self._pending.setdefault(update_id, [])
         for event in events:
-            batch.append(
-                StoredEvent(
-                    int(event["sequence"]), json.dumps(event, separators=(",", ":")).encode()
-                )
-            )
+            batch.append(StoredEvent(int(event["sequence"]), orjson.dumps(event)))
             summary = event.get("summaryEvent")
             if isinstance(summary, dict) and isinstance(summary.get("resourceChanges"), dict):
                 self._summaries[update_id] = {
