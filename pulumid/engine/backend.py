@@ -333,10 +333,14 @@ class Backend:
         await self.store.renew_lease(update_id, token, now, expires)
         return expires
 
+    async def _leased(self, ref: StackRef, update_id: str, token: str) -> UpdateRecord:
+        """One read: the update belongs to the stack and the token holds its live lease."""
+        self.check_owner(ref.org)
+        return await self.store.check_lease(update_id, token, self.clock.seconds(), ref)
+
     async def checkpoint(self, ref: StackRef, update_id: str, token: str, body: bytes) -> None:
-        await self._update_of(ref, update_id)
         # Validate the lease before the expensive parse.
-        await self.store.check_lease(update_id, token, self.clock.seconds())
+        await self._leased(ref, update_id, token)
         state = await self.cpu.run(deployments.checkpoint_state_blocking, body)
         await self.store.save_checkpoint(update_id, token, self.clock.seconds(), state)
         self.inflight.forget(update_id)
@@ -344,27 +348,25 @@ class Backend:
     async def checkpoint_verbatim(
         self, ref: StackRef, update_id: str, token: str, body: bytes
     ) -> None:
-        _stack, update = await self._update_of(ref, update_id)
-        await self.store.check_lease(update_id, token, self.clock.seconds())
+        update = await self._leased(ref, update_id, token)
         await self.inflight.save_verbatim(update, token, body)
 
     async def checkpoint_delta(
         self, ref: StackRef, update_id: str, token: str, wire: bytes, body: bytes
     ) -> None:
-        _stack, update = await self._update_of(ref, update_id)
+        update = await self._leased(ref, update_id, token)
         await self.inflight.save_delta(update, token, wire, body)
 
     async def journal_entries(
         self, ref: StackRef, update_id: str, token: str, wire: bytes, body: bytes
     ) -> None:
-        _stack, update = await self._update_of(ref, update_id)
+        update = await self._leased(ref, update_id, token)
         if not update.journal_version:
             raise BadRequest("Bad Request: journaling was not enabled for this update")
         await self.inflight.add_journal(update, token, wire, body)
 
     async def post_events(self, ref: StackRef, update_id: str, token: str, body: Any) -> None:
-        await self._update_of(ref, update_id)
-        await self.store.check_lease(update_id, token, self.clock.seconds())
+        await self._leased(ref, update_id, token)
         events = body.get("events") if isinstance(body, dict) else None
         if not isinstance(events, list) or not events:
             raise BadRequest("Bad Request: No events provided.")

@@ -90,8 +90,6 @@ class InFlight:
         """Validate and apply a batch in memory, then persist it before acknowledging."""
         entries = await self._cpu.run(deployments.journal_entries_blocking, body)
         async with self._locked(update.id):
-            # Lease problems answer before anything changes.
-            await self._store.check_lease(update.id, token, self._clock.seconds())
             replayer = await self._replayer(update)
             try:
                 replayer.add(entries)
@@ -140,7 +138,6 @@ class InFlight:
 
     async def save_delta(self, update: UpdateRecord, token: str, wire: bytes, body: bytes) -> None:
         async with self._locked(update.id):
-            await self._store.check_lease(update.id, token, self._clock.seconds())
             sequence, baseline = await self._baseline(update)
             applied = await self._cpu.run(
                 deployments.apply_delta_blocking, baseline, sequence, body

@@ -74,7 +74,12 @@ class Store(Protocol):
     def renew_lease(
         self, update_id: str, token: str, now: float, lease_expires: float
     ) -> Deferred[None]: ...
-    def check_lease(self, update_id: str, token: str, now: float) -> Deferred[UpdateRecord]: ...
+    def check_lease(
+        self, update_id: str, token: str, now: float, ref: StackRef | None = None
+    ) -> Deferred[UpdateRecord]:
+        """The running update's record if `token` holds its live lease (and, given `ref`,
+        the update belongs to that stack): else NotFound, Forbidden or Conflict."""
+
     def save_checkpoint(
         self, update_id: str, token: str, now: float, state: StateBlob, sequence: int = 0
     ) -> Deferred[None]: ...

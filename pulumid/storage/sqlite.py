@@ -445,8 +445,21 @@ class SQLiteStore:
 
         return self._write(txn)
 
-    def check_lease(self, update_id: str, token: str, now: float) -> Deferred[UpdateRecord]:
-        return self._read(_check_lease, update_id, token, now)
+    def check_lease(
+        self, update_id: str, token: str, now: float, ref: StackRef | None = None
+    ) -> Deferred[UpdateRecord]:
+        def txn(conn: sqlite3.Connection) -> UpdateRecord:
+            if ref is not None:
+                row = conn.execute(
+                    "SELECT 1 FROM updates u JOIN stacks s ON s.id = u.stack_id "
+                    "WHERE u.id = ? AND s.org = ? AND s.project = ? AND s.name = ?",
+                    (update_id, ref.org, ref.project, ref.name),
+                ).fetchone()
+                if row is None:
+                    raise NotFound(f"Not Found: update '{update_id}' not found")
+            return _check_lease(conn, update_id, token, now)
+
+        return self._read(txn)
 
     def renew_lease(
         self, update_id: str, token: str, now: float, lease_expires: float

@@ -684,3 +684,12 @@ def test_previews_cannot_write_deltas_or_journals(store: Store) -> None:
     preview = started(store, make_stack(store), dry_run=True)
     fails(store.save_delta(preview.id, "t", NOW + 1, 1, b"d"), Forbidden)
     fails(store.append_journal(preview.id, "t", NOW + 1, b"j"), Forbidden)
+
+
+def test_check_lease_with_the_stack_it_belongs_to(store: Store) -> None:
+    stack = make_stack(store)
+    other = make_stack(store, "other")
+    update = started(store, stack)
+    assert ok(store.check_lease(update.id, "t", NOW + 1, stack.ref)).id == update.id
+    fails(store.check_lease(update.id, "t", NOW + 1, other.ref), NotFound)
+    fails(store.check_lease(update.id, "wrong", NOW + 1, stack.ref), Forbidden)
