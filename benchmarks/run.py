@@ -84,7 +84,9 @@ from tests.e2e.helpers import YAML_HOST_VERSION
 from tests.e2e.programs import write_yaml_program
 
 OPERATIONS = ("create", "noop-1", "noop-2", "add-2", "export", "destroy")
-BUILTIN_BACKENDS = ("pulumid", "file", "s3", "floor")
+BUILTIN_BACKENDS = ("pulumid", "pulumid-sync", "file", "s3", "floor")
+# What runs unless --backends says otherwise: pulumid-sync (an fsync per commit) is opt-in.
+DEFAULT_BACKENDS = ("pulumid", "file", "s3", "floor")
 DEFAULT_SIZES = (10, 200, 600)
 DEFAULT_CLI_VERSION = "3.259.0"
 PAYLOAD_SIZE = 16384
@@ -126,8 +128,10 @@ class Backend:
 class PulumidBackend(Backend):
     name = "pulumid"
 
-    def __init__(self, source: Path) -> None:
+    def __init__(self, source: Path, name: str = "pulumid", extra_args: Sequence[str] = ()) -> None:
         self.source = source
+        self.name = name
+        self.extra_args = tuple(extra_args)
         self.server: Server | None = None
 
     def open(self, workdir: Path, logs: Path) -> Target:
@@ -138,6 +142,7 @@ class PulumidBackend(Backend):
             token=token,
             database=workdir / "pulumid.sqlite",
             source=self.source,
+            extra_args=self.extra_args,
         ).start()
         return Target(f"http://127.0.0.1:{port}", {"PULUMI_ACCESS_TOKEN": token})
 
@@ -445,7 +450,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backends",
         type=_parse_backends,
-        default=list(BUILTIN_BACKENDS),
+        default=list(DEFAULT_BACKENDS),
         help="built-in backends, comma-separated (default: pulumid,file,s3,floor)",
     )
     p.add_argument("--repeats", type=int, default=3, help="runs per backend and size (3)")
@@ -552,6 +557,8 @@ def _make_backends(
     for name in names:
         if name == "pulumid":
             made.append(PulumidBackend(source))
+        elif name == "pulumid-sync":
+            made.append(PulumidBackend(source, name, ["--sync-commits"]))
         elif name == "file":
             made.append(FileBackend("file", skip_checkpoints=False))
         elif name == "floor":
