@@ -84,8 +84,10 @@ from tests.e2e.helpers import YAML_HOST_VERSION
 from tests.e2e.programs import write_yaml_program
 
 OPERATIONS = ("create", "noop-1", "noop-2", "add-2", "export", "destroy")
-BUILTIN_BACKENDS = ("pulumid", "pulumid-sync", "file", "s3", "floor")
-# What runs unless --backends says otherwise: pulumid-sync (an fsync per commit) is opt-in.
+BUILTIN_BACKENDS = ("pulumid", "pulumid-sync", "pulumid-batch5", "file", "s3", "floor")
+# What runs unless --backends says otherwise. Opt-in diagnostics: pulumid-sync (an fsync per
+# commit) and pulumid-batch5, where the CLI flushes journal batches every 5 ms instead of its
+# default 50 ms: it shows how much of pulumid's time is the CLI waiting for its own batching.
 DEFAULT_BACKENDS = ("pulumid", "file", "s3", "floor")
 DEFAULT_SIZES = (10, 200, 600)
 DEFAULT_CLI_VERSION = "3.259.0"
@@ -128,10 +130,17 @@ class Backend:
 class PulumidBackend(Backend):
     name = "pulumid"
 
-    def __init__(self, source: Path, name: str = "pulumid", extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        source: Path,
+        name: str = "pulumid",
+        extra_args: Sequence[str] = (),
+        cli_env: Mapping[str, str] | None = None,
+    ) -> None:
         self.source = source
         self.name = name
         self.extra_args = tuple(extra_args)
+        self.cli_env = dict(cli_env or {})
         self.server: Server | None = None
 
     def open(self, workdir: Path, logs: Path) -> Target:
@@ -144,7 +153,7 @@ class PulumidBackend(Backend):
             source=self.source,
             extra_args=self.extra_args,
         ).start()
-        return Target(f"http://127.0.0.1:{port}", {"PULUMI_ACCESS_TOKEN": token})
+        return Target(f"http://127.0.0.1:{port}", {"PULUMI_ACCESS_TOKEN": token, **self.cli_env})
 
     def close(self) -> None:
         if self.server is not None:
@@ -559,6 +568,10 @@ def _make_backends(
             made.append(PulumidBackend(source))
         elif name == "pulumid-sync":
             made.append(PulumidBackend(source, name, ["--sync-commits"]))
+        elif name == "pulumid-batch5":
+            made.append(
+                PulumidBackend(source, name, cli_env={"PULUMI_JOURNALING_BATCH_PERIOD": "5"})
+            )
         elif name == "file":
             made.append(FileBackend("file", skip_checkpoints=False))
         elif name == "floor":
