@@ -168,24 +168,28 @@ class Backend:
         update = None
         if state is not None:
             new_state = await self.cpu.run(self._renamed_state_blocking, state, ref, new_ref)
-            now = self.clock.seconds()
-            update = UpdateRecord(
-                id=str(uuid.uuid4()),
-                stack_id=stack.id,
-                kind="rename",
-                dry_run=False,
-                status="succeeded",
-                version=stack.version + 1,
-                program={},
-                config={},
-                metadata={"message": f"Renamed from {ref}", "environment": {}},
-                created=now,
-                start_time=now,
-                end_time=now,
-                requested_by=self.config.user,
-            )
+            update = self._instant_update(stack, "rename", f"Renamed from {ref}")
         await self.store.rename_stack(
             stack.id, new_ref, stack.version, new_state, update, self.config.state_versions
+        )
+
+    def _instant_update(self, stack: StackRecord, kind: str, message: str) -> UpdateRecord:
+        """A finished update for history, for operations that happen in one request."""
+        now = self.clock.seconds()
+        return UpdateRecord(
+            id=str(uuid.uuid4()),
+            stack_id=stack.id,
+            kind=kind,
+            dry_run=False,
+            status="succeeded",
+            version=stack.version + 1,
+            program={},
+            config={},
+            metadata={"message": message, "environment": {}},
+            created=now,
+            start_time=now,
+            end_time=now,
+            requested_by=self.config.user,
         )
 
     @staticmethod
@@ -228,22 +232,7 @@ class Backend:
     async def import_state(self, ref: StackRef, body: bytes) -> str:
         stack = await self.stack(ref)
         state = await self.cpu.run(deployments.untyped_state_blocking, body)
-        now = self.clock.seconds()
-        update = UpdateRecord(
-            id=str(uuid.uuid4()),
-            stack_id=stack.id,
-            kind="import",
-            dry_run=False,
-            status="succeeded",
-            version=0,
-            program={},
-            config={},
-            metadata={"message": "", "environment": {}},
-            created=now,
-            start_time=now,
-            end_time=now,
-            requested_by=self.config.user,
-        )
+        update = self._instant_update(stack, "import", "")
         await self.store.import_state(update, state, self.config.state_versions)
         return update.id
 
