@@ -32,7 +32,7 @@ def rfc3339(seconds: float) -> str:
 
 class InFlight:
     def __init__(
-        self, store: Store, cpu: Runner, clock: IReactorTime, limit: int, cached: int = 32
+        self, store: Store, cpu: Runner, clock: IReactorTime, limit: int, cached: int = 8
     ) -> None:
         self._store = store
         self._cpu = cpu
@@ -162,11 +162,12 @@ class InFlight:
             return await self._cpu.run(
                 self._generate_blocking, replayer, self._clock.seconds(), update.engine_version
             )
-        if update.id in self._baselines or await self._store.get_deltas(update.id):
-            _sequence, text = await self._baseline(update)
-            if await self._store.get_deltas(update.id):
-                return await self._cpu.run(deployments.state_from_text_blocking, text)
-        return None
+        if update.checkpoint_seq == 0 and update.id not in self._baselines:
+            return None  # no verbatim or delta checkpoint: version N is current
+        if not await self._store.get_deltas(update.id):
+            return None  # the last save was a full one, stored as version N
+        _sequence, text = await self._baseline(update)
+        return await self._cpu.run(deployments.state_from_text_blocking, text)
 
     @staticmethod
     def _generate_blocking(replayer: JournalReplayer, now: float, engine_version: str) -> StateBlob:
