@@ -7,6 +7,7 @@ an error (`BenchmarkError`) that names the command that builds it; nothing is sk
 
 from __future__ import annotations
 
+import argparse
 import os
 import secrets
 import signal
@@ -331,3 +332,25 @@ def minio_server(
     ]
     ready = http_ready(f"http://127.0.0.1:{port}/minio/health/live")
     return Server("minio", command, workdir, ready, env)
+
+
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: a comma-separated list of positive integers."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError("expected positive integers")
+    return values
+
+
+def chosen_names(text: str, allowed: Sequence[str], hint: str = "") -> list[str]:
+    """A comma-separated choice from `allowed`, in order, without repeats."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown {unknown}; choose from {', '.join(allowed)}{hint}"
+        )
+    return list(dict.fromkeys(names))

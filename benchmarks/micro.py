@@ -41,8 +41,10 @@ from benchmarks.common import (
     REPO,
     BenchmarkError,
     Server,
+    chosen_names,
     free_port,
     new_token,
+    positive_ints,
     pulumid_server,
 )
 
@@ -905,22 +907,8 @@ RUNNERS: dict[str, Callable[[Settings], Table]] = {
 # The command line
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError("expected positive integers")
-    return values
-
-
 def _names(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [n for n in names if n not in BENCHMARKS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {', '.join(BENCHMARKS)}")
-    return names
+    return chosen_names(text, list(BENCHMARKS))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -931,7 +919,9 @@ def parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n", 2)[2] if __doc__ else None,
     )
     p.add_argument("--only", type=_names, default=list(BENCHMARKS), help="benchmarks to run")
-    p.add_argument("--sizes", type=_ints, default=[10, 100, 600], help="state sizes (resources)")
+    p.add_argument(
+        "--sizes", type=positive_ints, default=[10, 100, 600], help="state sizes (resources)"
+    )
     p.add_argument("--repeats", type=int, default=10, help="requests per size (10)")
     p.add_argument("--events", type=int, default=20000, help="events to post (20000)")
     p.add_argument("--event-batch", type=int, default=50, help="events per batch (50)")

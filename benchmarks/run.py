@@ -60,12 +60,14 @@ from benchmarks.common import (
     Server,
     build_minio,
     build_provider,
+    chosen_names,
     clean_environment,
     cli_binary,
     free_port,
     minio_server,
     new_token,
     port_ready,
+    positive_ints,
     pulumid_server,
     yaml_host_dir,
 )
@@ -410,25 +412,8 @@ def _check_export(path: Path, items: int) -> None:
 # The command line
 
 
-def _parse_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
-    if not sizes or any(s < 1 for s in sizes):
-        raise argparse.ArgumentTypeError("sizes must be positive integers")
-    return sizes
-
-
 def _parse_backends(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [n for n in names if n not in BUILTIN_BACKENDS]
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown backend(s) {unknown}; choose from {', '.join(BUILTIN_BACKENDS)} "
-            "(add other servers with --peer NAME=COMMAND)"
-        )
-    return list(dict.fromkeys(names))
+    return chosen_names(text, BUILTIN_BACKENDS, " (add other servers with --peer NAME=COMMAND)")
 
 
 def _parse_peer(text: str) -> tuple[str, str]:
@@ -452,7 +437,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--sizes",
-        type=_parse_sizes,
+        type=positive_ints,
         default=list(DEFAULT_SIZES),
         help="resource counts, comma-separated (default: 10,200,600)",
     )
