@@ -39,7 +39,7 @@ class InFlight:
         self._clock = clock
         self._limit = limit
         self._cached = cached
-        self._journals: OrderedDict[str, JournalReplayer] = OrderedDict()
+        self._journals: dict[str, JournalReplayer] = {}
         self._baselines: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
         self._locks: dict[str, DeferredLock] = {}
 
@@ -70,12 +70,13 @@ class InFlight:
     async def _replayer(self, update: UpdateRecord) -> JournalReplayer:
         replayer = self._journals.get(update.id)
         if replayer is not None:
-            self._journals.move_to_end(update.id)
             return replayer
         base = await self._store.get_state(update.stack_id, update.version)
         stored = await self._store.get_journal(update.id)
         replayer = await self._cpu.run(self._rebuild_blocking, base, stored)
-        self._remember(self._journals, update.id, replayer)
+        # Kept until the update ends (complete, cancel, expiry): evicting the replayer of a
+        # running update would make every later batch replay its whole journal again.
+        self._journals[update.id] = replayer
         return replayer
 
     def _rebuild_blocking(self, base: StateBlob | None, stored: list[bytes]) -> JournalReplayer:
