@@ -39,13 +39,5 @@ class Conflict(PulumidError):
     status = 409
 
 
-class Gone(PulumidError):
-    status = 410
-
-
 class TooLarge(PulumidError):
     status = 413
-
-
-class ServiceUnavailable(PulumidError):
-    status = 503

@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 import secrets as pysecrets
 import uuid
-from dataclasses import replace
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -21,7 +20,7 @@ from pulumid.engine.events import EventBuffer
 from pulumid.engine.inflight import InFlight
 from pulumid.engine.rename import rename_deployment
 from pulumid.engine.secrets import StackSecrets
-from pulumid.errors import BadRequest, Conflict, Forbidden, NotFound
+from pulumid.errors import BadRequest, Forbidden, NotFound
 from pulumid.storage.interface import Store
 from pulumid.storage.records import StackRecord, StackRef, StateBlob, StoredEvent, UpdateRecord
 from pulumid.threads import Runner
@@ -29,7 +28,6 @@ from pulumid.threads import Runner
 STACK_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 PROJECT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 TAG_NAME = re.compile(r"^[a-zA-Z0-9-_.:]{1,40}$")
-UPDATE_KINDS = ("update", "preview", "refresh", "destroy")
 COMPLETE_STATUSES = ("succeeded", "failed", "cancelled")
 EVENTS_PAGE = 100
 
@@ -452,6 +450,3 @@ class Backend:
     async def decrypt(self, ref: StackRef, ciphertexts: list[bytes]) -> list[bytes]:
         stack = await self._secrets_stack(ref)
         return await self.secrets.decrypt(stack.id, ciphertexts)
-
-
-__all__ = ["UPDATE_KINDS", "Backend", "Conflict", "replace"]

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
 
-from pulumid.errors import BadRequest, Conflict, Forbidden, NotFound, PulumidError
+from pulumid.errors import BadRequest, Conflict, Forbidden, NotFound
 from pulumid.storage.records import (
     StackRecord,
     StackRef,
@@ -838,6 +838,3 @@ def _prune(conn: sqlite3.Connection, stack_id: int, version: int, keep: int) -> 
         conn.execute(
             "DELETE FROM states WHERE stack_id = ? AND version <= ?", (stack_id, version - keep)
         )
-
-
-__all__ = ["ANOTHER_UPDATE", "STACK_HAS_RESOURCES", "PulumidError", "SQLiteStore"]
