@@ -26,9 +26,13 @@ from tests.e2e.helpers import (
     AGENT_MARKER_PREFIXES,
     AGENT_MARKERS,
     CACHE,
+    PROVIDER,
     REPO,
-    YAML_HOST_VERSION,
+    cli_path,
     free_port,
+    missing_artifact,
+    run_build_script,
+    yaml_host_path,
 )
 
 __all__ = [
@@ -64,69 +68,39 @@ class BenchmarkError(RuntimeError):
 
 
 def _require_executable(path: Path, what: str, how: str) -> Path:
-    if not path.is_file() or not os.access(path, os.X_OK):
-        raise BenchmarkError(
-            f"{what} not found at {path}; build it first with: {how} "
-            f"(artifacts live under ${{PULUMID_CACHE:-~/.cache/pulumid}}, here {CACHE})"
-        )
+    problem = missing_artifact(path, what, how)
+    if problem:
+        raise BenchmarkError(problem)
     return path
 
 
 def cli_binary(version: str) -> Path:
-    return _require_executable(
-        CACHE / "cli" / version / "pulumi",
-        f"pulumi CLI {version}",
-        f"scripts/build-pulumi.sh cli {version}",
-    )
+    return _require_executable(*cli_path(version))
 
 
 def yaml_host_dir() -> Path:
     """The directory of the YAML language host (for the program's `plugins: languages:`)."""
-    binary = _require_executable(
-        CACHE / "yaml" / YAML_HOST_VERSION / "pulumi-language-yaml",
-        f"YAML language host {YAML_HOST_VERSION}",
-        f"scripts/build-pulumi.sh yaml {YAML_HOST_VERSION}",
-    )
-    return binary.parent
+    return _require_executable(*yaml_host_path()).parent
 
 
-def _run_build_script(name: str, timeout: float) -> Path:
-    """Run scripts/NAME (each caches its result) and return the last line it printed."""
-    script = REPO / "scripts" / name
-    if not script.is_file():
-        raise BenchmarkError(f"{script} is missing")
-    proc = subprocess.run(
-        ["bash", str(script)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    lines = [line.strip() for line in proc.stdout.splitlines() if line.strip()]
-    if proc.returncode != 0 or not lines:
-        raise BenchmarkError(
-            f"scripts/{name} failed ({proc.returncode}):\n"
-            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-5000:]}"
-        )
-    return Path(lines[-1])
+def _build(name: str, timeout: float) -> Path:
+    path, problem = run_build_script(name, timeout)
+    if path is None:
+        raise BenchmarkError(problem)
+    return path
 
 
 def build_provider() -> Path:
     """The directory holding `pulumi-resource-pulumidtest` (scripts/build-provider.sh)."""
-    directory = _run_build_script("build-provider.sh", 900)
-    _require_executable(
-        directory / "pulumi-resource-pulumidtest",
-        "test provider pulumi-resource-pulumidtest",
-        "scripts/build-provider.sh",
-    )
+    directory = _build("build-provider.sh", 900)
+    _require_executable(directory / PROVIDER[0], PROVIDER[1], "scripts/build-provider.sh")
     return directory
 
 
 def build_minio() -> Path:
     """The MinIO server binary (scripts/build-minio.sh; a cold build takes minutes)."""
     return _require_executable(
-        _run_build_script("build-minio.sh", 1800), "MinIO server", "scripts/build-minio.sh"
+        _build("build-minio.sh", 1800), "MinIO server", "scripts/build-minio.sh"
     )
 
 

@@ -74,53 +74,75 @@ def wait_until(
         time.sleep(interval)
 
 
-def require_file(path: Path, what: str, how: str) -> Path:
-    if not path.is_file() or not os.access(path, os.X_OK):
-        pytest.fail(
-            f"{what} not found at {path}; build it first with: {how}\n"
-            f"(artifacts live under ${{PULUMID_CACHE:-~/.cache/pulumid}}, here {CACHE})",
-            pytrace=False,
-        )
-    return path
+def missing_artifact(path: Path, what: str, how: str) -> str | None:
+    """Why the executable at PATH cannot be used, or None when it can."""
+    if path.is_file() and os.access(path, os.X_OK):
+        return None
+    return (
+        f"{what} not found at {path}; build it first with: {how}\n"
+        f"(artifacts live under ${{PULUMID_CACHE:-~/.cache/pulumid}}, here {CACHE})"
+    )
 
 
-def cli_binary(version: str) -> Path:
-    return require_file(
+def cli_path(version: str) -> tuple[Path, str, str]:
+    """(where the CLI of VERSION is cached, what it is, how to build it)."""
+    return (
         CACHE / "cli" / version / "pulumi",
         f"pulumi CLI {version}",
         f"scripts/build-pulumi.sh cli {version}",
     )
 
 
-def yaml_host_binary() -> Path:
-    return require_file(
+def yaml_host_path() -> tuple[Path, str, str]:
+    return (
         CACHE / "yaml" / YAML_HOST_VERSION / "pulumi-language-yaml",
         f"YAML language host {YAML_HOST_VERSION}",
         f"scripts/build-pulumi.sh yaml {YAML_HOST_VERSION}",
     )
 
 
+PROVIDER = ("pulumi-resource-pulumidtest", "test provider pulumi-resource-pulumidtest")
+
+
+def run_build_script(name: str, timeout: float) -> tuple[Path | None, str]:
+    """Run scripts/NAME (each caches its result): (the last line it printed, or None, and
+    what went wrong)."""
+    script = REPO / "scripts" / name
+    if not script.is_file():
+        return None, f"{script} is missing"
+    proc = subprocess.run(
+        ["bash", str(script)], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+    lines = [line.strip() for line in proc.stdout.splitlines() if line.strip()]
+    if proc.returncode != 0 or not lines:
+        return None, (
+            f"scripts/{name} failed ({proc.returncode}):\n"
+            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-5000:]}"
+        )
+    return Path(lines[-1]), ""
+
+
+def require_file(path: Path, what: str, how: str) -> Path:
+    problem = missing_artifact(path, what, how)
+    if problem:
+        pytest.fail(problem, pytrace=False)
+    return path
+
+
+def cli_binary(version: str) -> Path:
+    return require_file(*cli_path(version))
+
+
+def yaml_host_binary() -> Path:
+    return require_file(*yaml_host_path())
+
+
 def build_provider() -> Path:
     """Run scripts/build-provider.sh (cached by the script) and return the plugin's directory."""
-    script = REPO / "scripts" / "build-provider.sh"
-    if not script.is_file():
-        pytest.fail(f"{script} is missing: the test provider cannot be built", pytrace=False)
-    proc = subprocess.run(
-        ["bash", str(script)], cwd=REPO, capture_output=True, text=True, timeout=900
-    )
-    if proc.returncode != 0:
-        pytest.fail(
-            f"scripts/build-provider.sh failed ({proc.returncode}):\n"
-            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}",
-            pytrace=False,
-        )
-    lines = [line.strip() for line in proc.stdout.splitlines() if line.strip()]
-    directory = Path(lines[-1]) if lines else Path()
-    require_file(
-        directory / "pulumi-resource-pulumidtest",
-        "test provider pulumi-resource-pulumidtest",
-        "scripts/build-provider.sh",
-    )
+    directory, problem = run_build_script("build-provider.sh", 900)
+    if directory is None:
+        pytest.fail(problem, pytrace=False)
+    require_file(directory / PROVIDER[0], PROVIDER[1], "scripts/build-provider.sh")
     return directory
 
 
