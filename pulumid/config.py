@@ -28,20 +28,33 @@ class Config:
     organization: str = "organization"
     user: str = "admin"
     lease_ttl: float = 300.0
-    event_flush_interval: float = 1.0
     state_versions: int = 100
     max_body_size: int = 256 * MIB
     page_size: int = 100
-    sync_commits: bool = False
+    sync_commits: bool = True
     journaling: bool = True
     delta_checkpoints: bool = True
     delta_cutoff: int = MIB
+    inflight_memory: int = 512 * MIB
+    event_retention_days: float = 90.0
+    preview_retention_days: float = 30.0
+    update_retention_days: float = 0.0
+    retention_interval: float = 3600.0
+    # Fault points at the storage seam (tests only; env PULUMID_TEST_FAULTS, no flag).
+    test_faults: str = ""
 
 
 def _positive_float(value: str) -> float:
     number = float(value)
     if number <= 0:
         raise ValueError(f"must be positive, not {value}")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise ValueError(f"must be a finite number of zero or more, not {value}")
     return number
 
 
@@ -86,7 +99,6 @@ _PARAMETERS: list[tuple[str, Any, Callable[[str], Any] | None, str]] = [
         _positive_float,
         "Seconds an update lease lives without renewal (the CLI renews every 150 s)",
     ),
-    ("event-flush-interval", 1.0, _positive_float, "Seconds between engine-event flushes"),
     (
         "state-versions",
         100,
@@ -106,6 +118,37 @@ _PARAMETERS: list[tuple[str, Any, Callable[[str], Any] | None, str]] = [
         _non_negative_int,
         "Checkpoints at least this many bytes are sent as deltas (delta-checkpoint-uploads-v2)",
     ),
+    (
+        "inflight-memory",
+        512 * MIB,
+        _positive_int,
+        "Bytes of state text kept in memory for updates in flight (journal replay, delta "
+        "baselines); past it, the least recently used are rebuilt from the database",
+    ),
+    (
+        "event-retention-days",
+        90.0,
+        _non_negative_float,
+        "Days engine events are kept after their update ends (0 keeps them forever)",
+    ),
+    (
+        "preview-retention-days",
+        30.0,
+        _non_negative_float,
+        "Days previews are kept in the history after they end (0 keeps them forever)",
+    ),
+    (
+        "update-retention-days",
+        0.0,
+        _non_negative_float,
+        "Days ended updates are kept in the history (0, the default, keeps them forever)",
+    ),
+    (
+        "retention-interval",
+        3600.0,
+        _positive_float,
+        "Seconds between retention sweeps",
+    ),
 ]
 
 
@@ -121,8 +164,9 @@ _FALSE = {"0", "false", "no", "off", ""}
 _BOOLEANS: list[tuple[str, bool, str]] = [
     (
         "sync-commits",
-        False,
-        "fsync every commit, so acknowledged writes survive power loss (slower)",
+        True,
+        "fsync every commit, so acknowledged writes survive power loss (--no-sync-commits "
+        "keeps only what survives a crash of the process)",
     ),
     (
         "journaling",
@@ -243,7 +287,6 @@ def build_config(opts: usage.Options | dict[str, Any]) -> Config:
         organization=opts["organization"],
         user=opts["user"],
         lease_ttl=float(opts["lease-ttl"]),
-        event_flush_interval=float(opts["event-flush-interval"]),
         state_versions=int(opts["state-versions"]),
         max_body_size=int(opts["max-body-size"]),
         page_size=int(opts["page-size"]),
@@ -251,4 +294,22 @@ def build_config(opts: usage.Options | dict[str, Any]) -> Config:
         journaling=_flag(opts, "journaling"),
         delta_checkpoints=_flag(opts, "delta-checkpoints"),
         delta_cutoff=int(opts["delta-cutoff"]),
+        inflight_memory=int(opts["inflight-memory"]),
+        event_retention_days=float(opts["event-retention-days"]),
+        preview_retention_days=float(opts["preview-retention-days"]),
+        update_retention_days=float(opts["update-retention-days"]),
+        retention_interval=float(opts["retention-interval"]),
+        test_faults=_faults(),
     )
+
+
+def _faults() -> str:
+    spec = os.environ.get("PULUMID_TEST_FAULTS", "")
+    if spec:
+        from pulumid.storage.faults import Faults
+
+        try:
+            Faults.parse(spec)
+        except ValueError as e:
+            raise usage.UsageError(f"PULUMID_TEST_FAULTS: {e}") from None
+    return spec

@@ -41,3 +41,9 @@ class Conflict(PulumidError):
 
 class TooLarge(PulumidError):
     status = 413
+
+
+class Unavailable(PulumidError):
+    """The server could not do it now (storage failed); the same request may succeed later."""
+
+    status = 503

@@ -13,15 +13,17 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from pulumid.api.app import API
+from pulumid.api.gate import Gate
 from pulumid.api.http import limited_request_factory
 from pulumid.config import Config, Options
 from pulumid.engine.backend import Backend
-from pulumid.engine.events import EventBuffer
+from pulumid.engine.events import EventWriter
 from pulumid.engine.inflight import InFlight
 from pulumid.engine.secrets import MasterKeyMismatch, StackSecrets
 from pulumid.secrets.crypto import MasterKey
-from pulumid.services.timers import FlushOnStop, SafeTimer
-from pulumid.storage.sqlite import SchemaTooNew, SQLiteStore
+from pulumid.services.timers import SafeTimer
+from pulumid.storage.faults import Faults
+from pulumid.storage.sqlite import SchemaTooNew, SQLiteStore, StorageUnusable
 from pulumid.threads import InlineRunner, PoolRunner, cpu_pool_size
 
 __all__ = ["Options", "makeService"]
@@ -49,11 +51,10 @@ def _master_key(config: Config) -> MasterKey:
     with os.fdopen(fd, "w") as f:
         f.write(key.hex() + "\n")
     sys.stderr.write(
-        "\n*** pulumid: no master key was given, so a new one was generated:\n"
-        f"***   {key.hex()}\n"
-        f"*** It was saved to {key_file}. Store it somewhere safe and pass it with\n"
-        "*** PULUMID_MASTER_KEY (or --master-key-file): without it, no secret in this\n"
-        "*** database can ever be decrypted again.\n\n"
+        "\n*** pulumid: no master key was given, so a new one was generated and written\n"
+        f"*** to {key_file} (mode 0600). Back that file up somewhere safe and pass it\n"
+        "*** with --master-key-file (or PULUMID_MASTER_KEY_FILE): without it, no secret\n"
+        "*** in this database can ever be decrypted again.\n\n"
     )
     return key
 
@@ -63,8 +64,13 @@ def make_backend(config: Config, reactor: Any) -> tuple[service.MultiService, Ba
     db = PoolRunner(reactor, "db", 1)
     cpu = PoolRunner(reactor, "cpu", cpu_pool_size())
     try:
-        store = SQLiteStore.open(config.database, db, sync_commits=config.sync_commits)
-    except SchemaTooNew as e:
+        store = SQLiteStore.open(
+            config.database,
+            db,
+            sync_commits=config.sync_commits,
+            faults=Faults.parse(config.test_faults),
+        )
+    except (SchemaTooNew, StorageUnusable) as e:
         raise usage.UsageError(str(e)) from e
     _StoreService(store).setServiceParent(top)
     master = _master_key(config)
@@ -81,15 +87,25 @@ def make_backend(config: Config, reactor: Any) -> tuple[service.MultiService, Ba
     db.setServiceParent(top)
     cpu.setServiceParent(top)
     secrets = StackSecrets(store, master, cpu)
-    events = EventBuffer(store)
-    inflight = InFlight(store, cpu, reactor, config.max_body_size)
+    events = EventWriter(store)
+    inflight = InFlight(store, cpu, reactor, config.max_body_size, config.inflight_memory)
     backend = Backend(config, store, reactor, cpu, secrets, events, inflight)
-    FlushOnStop(
-        "event-flush", config.event_flush_interval, events.flush, clock=reactor
-    ).setServiceParent(top)
     sweep = max(0.5, min(config.lease_ttl / 4, 15.0))
     SafeTimer("lease-expiry", sweep, backend.expire_leases, clock=reactor).setServiceParent(top)
+    SafeTimer(
+        "retention", config.retention_interval, backend.apply_retention, clock=reactor, now=False
+    ).setServiceParent(top)
     return top, backend
+
+
+def make_site(backend: Backend) -> Site:
+    config = backend.config
+    site = Site(API(backend).resource())
+    site.requestFactory = limited_request_factory(
+        config.max_body_size, Gate(config.token, backend.store)
+    )
+    site.displayTracebacks = False
+    return site
 
 
 def makeService(options: Options) -> service.IService:
@@ -97,9 +113,7 @@ def makeService(options: Options) -> service.IService:
 
     config: Config = options.config
     top, backend = make_backend(config, reactor)
-    site = Site(API(backend).resource())
-    site.requestFactory = limited_request_factory(config.max_body_size)
-    site.displayTracebacks = False
+    site = make_site(backend)
     for description in config.listen:
         listener = strports.service(description, site)
         listener.setName(f"api:{description}")

@@ -30,7 +30,7 @@ FLAGS = [
     "organization",
     "user",
     "lease-ttl",
-    "event-flush-interval",
+    "event-retention-days",
     "state-versions",
     "max-body-size",
     "page-size",
@@ -159,7 +159,7 @@ def test_master_key(tmp_path: Path) -> None:
         (["--organization", "a b"], None),
         (["--user", "x"], None),
         ([], ("PULUMID_STATE_VERSIONS", "-1")),
-        ([], ("PULUMID_EVENT_FLUSH_INTERVAL", "soon")),
+        ([], ("PULUMID_EVENT_RETENTION_DAYS", "soon")),
     ],
 )
 def test_invalid_values(
@@ -189,7 +189,7 @@ def test_make_service(tmp_path: Path) -> None:
     assert isinstance(top, MultiService)
     try:
         names = {child.name for child in top}
-        assert {"storage", "event-flush", "lease-expiry"} <= names
+        assert {"storage", "retention", "lease-expiry"} <= names
         assert "api:tcp:0:interface=127.0.0.1" in names
     finally:
         close(top)
@@ -224,7 +224,9 @@ def test_absent_master_key_is_generated_once(
     key = key_file.read_text().strip()
     assert re.fullmatch("[0-9a-f]{64}", key)
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-    assert key in capsys.readouterr().err
+    told = capsys.readouterr().err
+    assert str(key_file) in told
+    assert key not in told  # the log says where the key is, never the key itself
     top, _backend = make_backend(config, reactor)
     close(top)
     assert key_file.read_text().strip() == key

@@ -6,14 +6,17 @@ import base64
 import binascii
 import hmac
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import orjson
 from klein import Klein
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
 from pulumid.api.http import (
+    INLINE_LIMIT,
     error_response,
     json_response,
     no_content,
@@ -27,6 +30,8 @@ from pulumid.engine import deployments
 from pulumid.engine.backend import Backend, parse_bounded_int
 from pulumid.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from pulumid.storage.records import StackRecord, StackRef, UpdateRecord
+
+T = TypeVar("T")
 
 BASE = "/api/stacks/<org>/<project>/<stack>"
 KIND = "<any(update,preview,refresh,destroy):kind>"
@@ -52,6 +57,21 @@ def _b64decode(value: Any) -> bytes:
 
 def _b64(value: bytes) -> str:
     return base64.b64encode(value).decode()
+
+
+def _b64decode_all(values: list[str]) -> list[bytes]:
+    return [_b64decode(v) for v in values]
+
+
+def _encrypted_body(ciphertexts: list[bytes]) -> bytes:
+    return orjson.dumps({"ciphertexts": [_b64(c) for c in ciphertexts]})
+
+
+def _decrypted_body(keys: list[str], plaintexts: list[bytes]) -> bytes:
+    # Keys are the ciphertext strings exactly as the CLI sent them.
+    return orjson.dumps(
+        {"plaintexts": {key: _b64(p) for key, p in zip(keys, plaintexts, strict=True)}}
+    )
 
 
 class API:
@@ -258,10 +278,7 @@ class API:
     async def export_version(
         self, request: IRequest, org: str, project: str, stack: str, version: str
     ) -> bytes:
-        number = parse_bounded_int(version, "version")
-        if number < 1:
-            raise BadRequest("Bad Request: the version must be a positive integer")
-        return await self._export(request, StackRef(org, project, stack), number)
+        return await self._export(request, StackRef(org, project, stack), _version(version))
 
     async def _export(self, request: IRequest, ref: StackRef, version: int | None) -> bytes:
         self._user(request)
@@ -283,25 +300,54 @@ class API:
     async def history(self, request: IRequest, org: str, project: str, stack: str) -> bytes:
         self._user(request)
         args = _query(request)
-        page, size = _int(args.get("page", "1")), _int(args.get("pageSize", "10"))
+        # Pulumi Cloud: page 0 (or none) is every entry; pageSize counts only with a page.
+        page, size = _int(args.get("page", "0")), _int(args.get("pageSize", "10"))
         updates = await self.backend.history(StackRef(org, project, stack), page, size)
         return json_response(request, {"updates": [self._info(u) for u in updates]})
 
     @app.route(f"{BASE}/updates/latest", methods=["GET"])
     async def latest(self, request: IRequest, org: str, project: str, stack: str) -> bytes:
         self._user(request)
-        update = await self.backend.latest(StackRef(org, project, stack))
-        user = self.config.user
-        return json_response(
-            request,
-            {
-                "info": self._info(update),
-                "updateID": update.id,
-                "version": update.version,
-                "latestVersion": update.version,
-                "requestedBy": {"name": user, "githubLogin": user, "avatarUrl": ""},
-            },
-        )
+        ref = StackRef(org, project, stack)
+        update = await self.backend.latest(ref)
+        return json_response(request, await self._update_info(ref, update))
+
+    @app.route(f"{BASE}/updates/<version>", methods=["GET"])
+    async def update_by_version(
+        self, request: IRequest, org: str, project: str, stack: str, version: str
+    ) -> bytes:
+        self._user(request)
+        ref = StackRef(org, project, stack)
+        update = await self.backend.update_by_version(ref, _version(version))
+        return json_response(request, await self._update_info(ref, update))
+
+    @app.route(f"{BASE}/updates/<version>/summary", methods=["GET"])
+    async def update_summary(
+        self, request: IRequest, org: str, project: str, stack: str, version: str
+    ) -> bytes:
+        self._user(request)
+        ref = StackRef(org, project, stack)
+        update = await self.backend.update_by_version(ref, _version(version))
+        info = self._info(update)
+        summary = {
+            "result": info["result"],
+            "startTime": info["startTime"],
+            "endTime": info.get("endTime", 0),
+            "resourceCount": info.get("resourceCount", 0),
+        }
+        return json_response(request, summary)
+
+    async def _update_info(self, ref: StackRef, update: UpdateRecord) -> dict[str, Any]:
+        """Pulumi Cloud's UpdateInfo: the history entry and who asked for it."""
+        stack = await self.backend.stack(ref)
+        user = update.requested_by or self.config.user
+        return {
+            "info": self._info(update),
+            "updateID": update.id,
+            "version": update.version,
+            "latestVersion": stack.version,
+            "requestedBy": {"name": user, "githubLogin": user, "avatarUrl": ""},
+        }
 
     @staticmethod
     def _info(update: UpdateRecord) -> dict[str, Any]:
@@ -310,7 +356,7 @@ class API:
             result = "in-progress"
         info: dict[str, Any] = {
             "updateID": update.id,
-            "kind": update.kind,
+            "kind": "preview" if update.dry_run else update.kind,
             "startTime": int(update.start_time or update.created),
             "message": str(update.metadata.get("message") or ""),
             "environment": update.metadata.get("environment") or {},
@@ -321,6 +367,8 @@ class API:
         }
         if update.end_time:
             info["endTime"] = int(update.end_time)
+        if update.failure:
+            info["failure"] = update.failure  # why the server ended it (not a CLI field)
         return info
 
     # -- secrets --------------------------------------------------------------------------
@@ -347,23 +395,27 @@ class API:
     async def batch_encrypt(self, request: IRequest, org: str, project: str, stack: str) -> bytes:
         self._user(request)
         values = _string_list(await self._body(request), "plaintexts")
-        ciphertexts = await self.backend.encrypt(
-            StackRef(org, project, stack), [_b64decode(v) for v in values]
-        )
-        return json_response(request, {"ciphertexts": [_b64(c) for c in ciphertexts]})
+        size = sum(len(v) for v in values)
+        plaintexts = await self._offload(size, _b64decode_all, values)
+        ciphertexts = await self.backend.encrypt(StackRef(org, project, stack), plaintexts)
+        body = await self._offload(size, _encrypted_body, ciphertexts)
+        return raw_json_response(request, body)
 
     @app.route(f"{BASE}/batch-decrypt", methods=["POST"])
     async def batch_decrypt(self, request: IRequest, org: str, project: str, stack: str) -> bytes:
         self._user(request)
         values = list(dict.fromkeys(_string_list(await self._body(request), "ciphertexts")))
-        plaintexts = await self.backend.decrypt(
-            StackRef(org, project, stack), [_b64decode(v) for v in values]
-        )
-        # Keys are the ciphertext strings exactly as the CLI sent them.
-        return json_response(
-            request,
-            {"plaintexts": {key: _b64(p) for key, p in zip(values, plaintexts, strict=True)}},
-        )
+        size = sum(len(v) for v in values)
+        ciphertexts = await self._offload(size, _b64decode_all, values)
+        plaintexts = await self.backend.decrypt(StackRef(org, project, stack), ciphertexts)
+        body = await self._offload(size, _decrypted_body, values, plaintexts)
+        return raw_json_response(request, body)
+
+    async def _offload(self, size: int, f: Callable[..., T], *args: Any) -> T:
+        """Work proportional to a batch runs on the CPU pool unless the batch is small."""
+        if size < INLINE_LIMIT:
+            return f(*args)
+        return await self.cpu.run(f, *args)
 
     @app.route(f"{BASE}/decrypt/log-decryption", methods=["POST"])
     @app.route(f"{BASE}/decrypt/log-batch-decryption", methods=["POST"])
@@ -412,86 +464,86 @@ class API:
         self._user(request)
         update = await self.backend.update_status(StackRef(org, project, stack), update_id)
         running = update.status in ("running", "not-started")
-        return json_response(
-            request,
-            {
-                "status": _STATUS[update.status],
-                "events": [],
-                "continuationToken": "0" if running else None,
-            },
-        )
+        view: dict[str, Any] = {
+            "status": _STATUS[update.status],
+            "events": [],
+            "continuationToken": "0" if running else None,
+        }
+        if update.failure:
+            view["failure"] = update.failure
+        return json_response(request, view)
 
     @app.route(f"{UPDATE}/renew_lease", methods=["POST"])
     async def renew_lease(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
-        token = self._update_token(request)
+        ref, token = StackRef(org, project, stack), self._update_token(request)
+        await self.backend.leased(ref, update_id, token)
         body = await self._body(request)
-        expires = await self.backend.renew_lease(
-            StackRef(org, project, stack), update_id, token, body.get("duration", 300)
-        )
+        expires = await self.backend.renew_lease(ref, update_id, token, body.get("duration", 300))
         return json_response(request, {"token": token, "tokenExpiration": int(expires)})
+
+    # Update-token routes check the token (and the lease) before they read the body: a
+    # wrong or stale token costs no decompression and no parsing.
 
     @app.route(f"{UPDATE}/checkpoint", methods=["PATCH"])
     async def checkpoint(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
-        token = self._update_token(request)
+        ref, token = StackRef(org, project, stack), self._update_token(request)
+        lease = await self.backend.leased(ref, update_id, token)
         body = await read_body(request, self.cpu, self.config.max_body_size)
-        await self.backend.checkpoint(StackRef(org, project, stack), update_id, token, body)
+        await self.backend.checkpoint(ref, update_id, token, body, lease)
         return no_content(request)
 
     @app.route(f"{UPDATE}/checkpointverbatim", methods=["PATCH"])
     async def checkpoint_verbatim(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
-        token = self._update_token(request)
+        ref, token = StackRef(org, project, stack), self._update_token(request)
+        lease = await self.backend.leased(ref, update_id, token)
         body = await read_body(request, self.cpu, self.config.max_body_size)
-        await self.backend.checkpoint_verbatim(
-            StackRef(org, project, stack), update_id, token, body
-        )
+        await self.backend.checkpoint_verbatim(ref, update_id, token, body, lease)
         return no_content(request)
 
     @app.route(f"{UPDATE}/checkpointdelta", methods=["PATCH"])
     async def checkpoint_delta(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
-        token = self._update_token(request)
+        ref, token = StackRef(org, project, stack), self._update_token(request)
+        lease = await self.backend.leased(ref, update_id, token)
         wire, body = await read_wire(request, self.cpu, self.config.max_body_size)
-        await self.backend.checkpoint_delta(
-            StackRef(org, project, stack), update_id, token, wire, body
-        )
+        await self.backend.checkpoint_delta(ref, update_id, token, wire, body, lease)
         return no_content(request)
 
     @app.route(f"{UPDATE}/journalentries", methods=["PATCH"])
     async def journal_entries(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
-        token = self._update_token(request)
+        ref, token = StackRef(org, project, stack), self._update_token(request)
+        lease = await self.backend.leased(ref, update_id, token)
         wire, body = await read_wire(request, self.cpu, self.config.max_body_size)
-        await self.backend.journal_entries(
-            StackRef(org, project, stack), update_id, token, wire, body
-        )
+        await self.backend.journal_entries(ref, update_id, token, wire, body, lease)
         return no_content(request)
 
     @app.route(f"{UPDATE}/events/batch", methods=["POST"])
     async def post_events(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
-        token = self._update_token(request)
+        ref, token = StackRef(org, project, stack), self._update_token(request)
+        lease = await self.backend.leased(ref, update_id, token)
         body = await read_json(request, self.cpu, self.config.max_body_size)
-        await self.backend.post_events(StackRef(org, project, stack), update_id, token, body)
+        await self.backend.post_events(ref, update_id, token, body, lease)
         return no_content(request)
 
     @app.route(f"{UPDATE}/events", methods=["POST"])
     async def post_event(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
-        token = self._update_token(request)
+        ref, token = StackRef(org, project, stack), self._update_token(request)
+        lease = await self.backend.leased(ref, update_id, token)
         body = await read_json(request, self.cpu, self.config.max_body_size)
-        await self.backend.post_events(
-            StackRef(org, project, stack), update_id, token, {"events": [body]}
-        )
+        await self.backend.post_events(ref, update_id, token, {"events": [body]}, lease)
         return no_content(request)
 
     @app.route(f"{UPDATE}/events", methods=["GET"])
@@ -516,11 +568,10 @@ class API:
     async def complete(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
-        token = self._update_token(request)
+        ref, token = StackRef(org, project, stack), self._update_token(request)
+        update = await self.backend.completing(ref, update_id, token)
         body = await self._body(request)
-        await self.backend.complete(
-            StackRef(org, project, stack), update_id, token, body.get("status")
-        )
+        await self.backend.complete(ref, update_id, token, body.get("status"), update)
         return no_content(request)
 
     @app.route(f"{UPDATE}/cancel", methods=["POST"])
@@ -556,6 +607,13 @@ def _query(request: IRequest) -> dict[str, str]:
 
 def _int(value: str) -> int:
     return parse_bounded_int(value, f"integer {value!r}")
+
+
+def _version(value: str) -> int:
+    number = parse_bounded_int(value, "version")
+    if number < 1:
+        raise BadRequest("Bad Request: the version must be a positive integer")
+    return number
 
 
 def _string_list(body: dict[str, Any], key: str) -> list[str]:

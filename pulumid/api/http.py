@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from io import BytesIO
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -12,6 +15,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException
 
+from pulumid.api.gate import Gate, Verdict
 from pulumid.engine import deployments
 from pulumid.errors import BadRequest, PulumidError, TooLarge
 from pulumid.threads import Runner
@@ -23,25 +27,84 @@ INLINE_LIMIT = 64 * 1024
 
 
 class LimitedRequest(Request):
-    """A Request that stops buffering a body once it passes the configured limit."""
+    """A Request that buffers a body only when it is within the limit and the gate let it in.
+
+    The gate looks at the credentials as soon as the headers are in. While it looks (a
+    database read for an update token), reading from the connection is paused and what had
+    already arrived is held; a refused or oversized body is discarded as it arrives.
+    """
 
     max_body_size = 256 * 1024 * 1024
+    gate: Gate | None = None
 
     def gotLength(self, length: int | None) -> None:
         self.body_too_large = length is not None and length > self.max_body_size
         self.body_received = 0
-        super().gotLength(None if self.body_too_large else length)
+        self.refused: PulumidError | None = None
+        self.verdict: Deferred[None] | None = None
+        self._held: list[bytes] | None = None
+        if self.body_too_large or length == 0 or self.gate is None:
+            self._admit(None, length)
+            return
+        outcome = self.gate.check(self.requestHeaders)
+        if isinstance(outcome, Deferred):
+            self._held = []
+            self.content = BytesIO()
+            self._reading(False)
+            self.verdict = outcome.addCallback(self._decided, length)
+        else:
+            self._admit(outcome, length)
+
+    def _decided(self, verdict: Verdict, length: int | None) -> None:
+        held, self._held = self._held or [], None
+        self._admit(verdict, length)
+        if verdict is None:
+            for chunk in held:
+                self._keep(chunk)
+        self._reading(True)
+
+    def _reading(self, on: bool) -> None:
+        transport: Any = getattr(self.channel, "transport", None)
+        if transport is not None:
+            (transport.resumeProducing if on else transport.pauseProducing)()
+
+    def _admit(self, verdict: Verdict, length: int | None) -> None:
+        self.refused = verdict
+        if verdict is not None or self.body_too_large:
+            self.content = BytesIO()  # stays empty: the body is discarded
+        else:
+            super().gotLength(length)
+
+    def process(self) -> None:
+        # The router needs a UTF-8 URL; answer the others here, with the usual error body.
+        try:
+            unquote_to_bytes(self.path).decode("utf-8")
+            self.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            error = BadRequest("Bad Request: the URL is not valid UTF-8")
+            self.setResponseCode(error.status)
+            self.setHeader(b"content-type", b"application/json")
+            self.write(json.dumps(error.body()).encode())
+            self.finish()
+            return
+        super().process()
 
     def handleContentChunk(self, data: bytes) -> None:
+        if self._held is not None:
+            self._held.append(data)  # reading is paused: at most what one read brought
+        else:
+            self._keep(data)
+
+    def _keep(self, data: bytes) -> None:
         self.body_received += len(data)
         if self.body_received > self.max_body_size:
             self.body_too_large = True
-        if not self.body_too_large:
+        if not self.body_too_large and self.refused is None:
             super().handleContentChunk(data)
 
 
-def limited_request_factory(max_body_size: int) -> type[LimitedRequest]:
-    return type("PulumidRequest", (LimitedRequest,), {"max_body_size": max_body_size})
+def limited_request_factory(max_body_size: int, gate: Gate | None = None) -> type[LimitedRequest]:
+    return type("PulumidRequest", (LimitedRequest,), {"max_body_size": max_body_size, "gate": gate})
 
 
 async def read_body(request: IRequest, cpu: Runner, limit: int) -> bytes:
@@ -51,6 +114,12 @@ async def read_body(request: IRequest, cpu: Runner, limit: int) -> bytes:
 
 async def read_wire(request: IRequest, cpu: Runner, limit: int) -> tuple[bytes, bytes]:
     """(the body as sent, the body decompressed): some bodies are stored as they came."""
+    verdict = getattr(request, "verdict", None)
+    if verdict is not None:
+        await verdict
+    refused = getattr(request, "refused", None)
+    if refused is not None:
+        raise refused
     if getattr(request, "body_too_large", False):
         raise TooLarge(f"Payload Too Large: the request body exceeds {limit} bytes")
     content = request.content

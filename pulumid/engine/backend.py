@@ -7,22 +7,30 @@ blocking work (big JSON, gzip) to the CPU runner.
 from __future__ import annotations
 
 import re
-import secrets as pysecrets
 import uuid
+from dataclasses import replace
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from pulumid.auth.tokens import hash_token, new_token, same
 from pulumid.config import Config
 from pulumid.engine import deployments
-from pulumid.engine.events import EventBuffer
+from pulumid.engine.events import EventWriter, encode_events
 from pulumid.engine.inflight import InFlight
 from pulumid.engine.rename import rename_deployment
 from pulumid.engine.secrets import StackSecrets
-from pulumid.errors import BadRequest, Forbidden, NotFound
+from pulumid.errors import BadRequest, Forbidden, NotFound, PulumidError, Unavailable
 from pulumid.storage.interface import Store
-from pulumid.storage.records import StackRecord, StackRef, StateBlob, StoredEvent, UpdateRecord
+from pulumid.storage.records import (
+    RetentionRules,
+    StackRecord,
+    StackRef,
+    StateBlob,
+    StoredEvent,
+    UpdateRecord,
+)
 from pulumid.threads import Runner
 
 STACK_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
@@ -30,6 +38,10 @@ PROJECT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 TAG_NAME = re.compile(r"^[a-zA-Z0-9-_.:]{1,40}$")
 COMPLETE_STATUSES = ("succeeded", "failed", "cancelled")
 EVENTS_PAGE = 100
+LEASE_EXPIRED = "the update's lease expired: its CLI stopped renewing it"
+DAY = 86400.0
+# Event batches larger than this are encoded on the CPU pool.
+INLINE_EVENTS = 50
 
 
 MAX_INT = 2**53
@@ -73,7 +85,7 @@ class Backend:
         clock: IReactorTime,
         cpu: Runner,
         secrets: StackSecrets,
-        events: EventBuffer,
+        events: EventWriter,
         inflight: InFlight,
     ) -> None:
         self.config = config
@@ -150,6 +162,8 @@ class Backend:
         stack = await self.stack(ref)
         await self.store.delete_stack(stack.id, force)
         self.secrets.forget(stack.id)
+        if stack.locked_by:
+            self.inflight.forget(stack.locked_by)
 
     async def set_tags(self, ref: StackRef, tags: Any) -> None:
         stack = await self.stack(ref)
@@ -212,7 +226,18 @@ class Backend:
             # A running (or crashed) update whose state lives in journal entries or deltas.
             update = await self.store.get_update(stack.locked_by)
             if update is not None and update.status == "running":
-                current = await self.inflight.current_state(update)
+                try:
+                    current = await self.inflight.current_state(update)
+                except Unavailable:
+                    raise
+                except Exception as e:
+                    # Its progress cannot be built: what version N holds is the last good.
+                    self.log.error(
+                        "update {update_id}: state in flight cannot be built: {error}",
+                        update_id=update.id,
+                        error=_reason(e),
+                    )
+                    current = None
                 if current is not None:
                     return current
         if version is not None:
@@ -230,6 +255,7 @@ class Backend:
     async def import_state(self, ref: StackRef, body: bytes) -> str:
         stack = await self.stack(ref)
         state = await self.cpu.run(deployments.untyped_state_blocking, body)
+        await self._end_expired_holder(stack)
         update = self._instant_update(stack, "import", "")
         await self.store.import_state(update, state, self.config.state_versions)
         return update.id
@@ -289,22 +315,29 @@ class Backend:
             and requested >= 1
         ):
             journal = 1
-        if stack.locked_by and not update.dry_run:
-            # An update whose CLI died keeps what it did: end it properly before taking over.
-            holder = await self.store.get_update(stack.locked_by)
-            if holder is not None and holder.status == "running":
-                if (holder.lease_expires or 0) <= self.clock.seconds():
-                    await self._expire(holder)
+        if not update.dry_run:
+            await self._end_expired_holder(stack)
         now = self.clock.seconds()
-        return await self.store.start_update(
+        token = new_token()
+        started = await self.store.start_update(
             update_id,
-            pysecrets.token_urlsafe(32),
+            hash_token(token),
             now,
             now + self.config.lease_ttl,
             tags,
             journal,
             engine_version,
         )
+        return replace(started, token=token)
+
+    async def _end_expired_holder(self, stack: StackRecord) -> None:
+        """An update whose CLI died keeps what it did: end it properly before taking over."""
+        if not stack.locked_by:
+            return
+        holder = await self.store.get_update(stack.locked_by)
+        if holder is not None and holder.status == "running":
+            if (holder.lease_expires or 0) <= self.clock.seconds():
+                await self._expire(holder)
 
     async def renew_lease(self, ref: StackRef, update_id: str, token: str, duration: Any) -> float:
         await self._update_of(ref, update_id)
@@ -317,91 +350,192 @@ class Backend:
         now = self.clock.seconds()
         # The CLI asks for 300 s; the configured TTL caps it so a dead CLI frees the stack.
         expires = now + min(float(duration) or self.config.lease_ttl, self.config.lease_ttl)
-        await self.store.renew_lease(update_id, token, now, expires)
+        await self.store.renew_lease(update_id, hash_token(token), now, expires)
         return expires
 
-    async def _leased(self, ref: StackRef, update_id: str, token: str) -> UpdateRecord:
-        """One read: the update belongs to the stack and the token holds its live lease."""
-        self.check_owner(ref.org)
-        return await self.store.check_lease(update_id, token, self.clock.seconds(), ref)
+    async def leased(self, ref: StackRef, update_id: str, token: str) -> UpdateRecord:
+        """One read: the update belongs to the stack and the token holds its live lease.
 
-    async def checkpoint(self, ref: StackRef, update_id: str, token: str, body: bytes) -> None:
+        The API calls it before it reads a request body, and hands the record on (`lease`),
+        so that a wrong token costs no decompression or parsing and no second read.
+        """
+        self.check_owner(ref.org)
+        return await self.store.check_lease(update_id, hash_token(token), self.clock.seconds(), ref)
+
+    async def checkpoint(
+        self,
+        ref: StackRef,
+        update_id: str,
+        token: str,
+        body: bytes,
+        lease: UpdateRecord | None = None,
+    ) -> None:
         # Validate the lease before the expensive parse.
-        await self._leased(ref, update_id, token)
-        state = await self.cpu.run(deployments.checkpoint_state_blocking, body)
-        await self.store.save_checkpoint(update_id, token, self.clock.seconds(), state)
-        self.inflight.forget(update_id)
+        update = lease or await self.leased(ref, update_id, token)
+        await self.inflight.save_full(update, hash_token(token), body)
 
     async def checkpoint_verbatim(
-        self, ref: StackRef, update_id: str, token: str, body: bytes
+        self,
+        ref: StackRef,
+        update_id: str,
+        token: str,
+        body: bytes,
+        lease: UpdateRecord | None = None,
     ) -> None:
-        update = await self._leased(ref, update_id, token)
-        await self.inflight.save_verbatim(update, token, body)
+        update = lease or await self.leased(ref, update_id, token)
+        await self.inflight.save_verbatim(update, hash_token(token), body)
 
     async def checkpoint_delta(
-        self, ref: StackRef, update_id: str, token: str, wire: bytes, body: bytes
+        self,
+        ref: StackRef,
+        update_id: str,
+        token: str,
+        wire: bytes,
+        body: bytes,
+        lease: UpdateRecord | None = None,
     ) -> None:
-        update = await self._leased(ref, update_id, token)
-        await self.inflight.save_delta(update, token, wire, body)
+        update = lease or await self.leased(ref, update_id, token)
+        await self.inflight.save_delta(update, hash_token(token), wire, body)
 
     async def journal_entries(
-        self, ref: StackRef, update_id: str, token: str, wire: bytes, body: bytes
+        self,
+        ref: StackRef,
+        update_id: str,
+        token: str,
+        wire: bytes,
+        body: bytes,
+        lease: UpdateRecord | None = None,
     ) -> None:
-        update = await self._leased(ref, update_id, token)
+        update = lease or await self.leased(ref, update_id, token)
         if not update.journal_version:
             raise BadRequest("Bad Request: journaling was not enabled for this update")
-        await self.inflight.add_journal(update, token, wire, body)
+        await self.inflight.add_journal(update, hash_token(token), wire, body)
 
-    async def post_events(self, ref: StackRef, update_id: str, token: str, body: Any) -> None:
-        await self._leased(ref, update_id, token)
+    async def post_events(
+        self,
+        ref: StackRef,
+        update_id: str,
+        token: str,
+        body: Any,
+        lease: UpdateRecord | None = None,
+    ) -> None:
+        if lease is None:
+            await self.leased(ref, update_id, token)
         events = body.get("events") if isinstance(body, dict) else None
-        if not isinstance(events, list) or not events:
-            raise BadRequest("Bad Request: No events provided.")
-        for event in events:
-            if not isinstance(event, dict) or not isinstance(event.get("sequence"), int):
-                raise BadRequest("Bad Request: every event needs an integer 'sequence'")
-        await self.events.add(update_id, events)
+        if isinstance(events, list) and len(events) > INLINE_EVENTS:
+            stored, summary = await self.cpu.run(encode_events, events)
+        else:
+            stored, summary = encode_events(events)
+        # Stored before the answer: nothing acknowledged is lost in a crash.
+        await self.events.add(update_id, stored, summary)
 
-    async def complete(self, ref: StackRef, update_id: str, token: str, status: Any) -> None:
+    async def completing(self, ref: StackRef, update_id: str, token: str) -> UpdateRecord:
+        """The update `token` may complete (running, or ended: a retried complete)."""
         _stack, update = await self._update_of(ref, update_id)
+        if not same(update.token_hash or "", hash_token(token)):
+            raise Forbidden("Forbidden: the update token is not valid for this update")
+        return update
+
+    async def complete(
+        self,
+        ref: StackRef,
+        update_id: str,
+        token: str,
+        status: Any,
+        update: UpdateRecord | None = None,
+    ) -> None:
+        update = update or await self.completing(ref, update_id, token)
         if status not in COMPLETE_STATUSES:
             raise BadRequest(f"Bad Request: unknown update status {status!r}")
-        if update.token != token:
-            raise Forbidden("Forbidden: the update token is not valid for this update")
-        # Events are durable before the update is marked finished.
-        await self.events.flush()
-        state = None
+        token_hash = hash_token(token)
+        state, failure = None, None
         if update.status == "running":
-            state = await self.inflight.finish(update)
+            state, failure = await self._final_state(update)
         await self.store.complete_update(
-            update_id, token, self.clock.seconds(), status, self.config.state_versions, state
+            update_id,
+            token_hash,
+            self.clock.seconds(),
+            status,
+            self.config.state_versions,
+            state,
+            failure,
         )
+        if failure:
+            raise BadRequest(
+                f"Bad Request: {failure}; the update was ended as failed and the stack "
+                "keeps its last good state"
+            )
 
     async def cancel(self, ref: StackRef, update_id: str) -> None:
         _stack, update = await self._update_of(ref, update_id)
-        await self.events.flush()
-        state = None
+        state, failure = None, None
         if update.status == "running":
-            state = await self.inflight.finish(update)
+            state, failure = await self._final_state(update)
         await self.store.cancel_update(
-            update_id, self.clock.seconds(), state, self.config.state_versions
+            update_id, self.clock.seconds(), state, self.config.state_versions, failure
         )
 
+    async def _final_state(self, update: UpdateRecord) -> tuple[StateBlob | None, str | None]:
+        """The state an ending update leaves, or (None, why) when it cannot be built.
+
+        A state that cannot be built must not keep the stack locked: the update ends failed
+        and version N keeps what it had (the state at start, or the last full checkpoint).
+        Storage failures are not that: they propagate, and the end is tried again later.
+        """
+        try:
+            return await self.inflight.finish(update), None
+        except Unavailable:
+            raise
+        except Exception as e:
+            reason = f"the update's final state could not be built: {_reason(e)}"
+            self.log.error("update {update_id}: {reason}", update_id=update.id, reason=reason)
+            return None, reason
+
     async def _expire(self, update: UpdateRecord) -> bool:
-        state = await self.inflight.finish(update)
+        state, failure = await self._final_state(update)
         expired = await self.store.expire_update(
-            update.id, self.clock.seconds(), state, self.config.state_versions
+            update.id,
+            self.clock.seconds(),
+            state,
+            self.config.state_versions,
+            f"{LEASE_EXPIRED}; {failure}" if failure else LEASE_EXPIRED,
         )
         if expired:
             self.log.info("lease of update {update_id} expired", update_id=update.id)
         return expired
 
     async def expire_leases(self) -> list[str]:
+        """End every update whose lease ran out; one that fails does not stop the others."""
         expired = []
         for update in await self.store.list_expired(self.clock.seconds()):
-            if await self._expire(update):
-                expired.append(update.id)
+            try:
+                if await self._expire(update):
+                    expired.append(update.id)
+            except Exception as e:
+                self.log.error(
+                    "could not expire update {update_id}: {error}",
+                    update_id=update.id,
+                    error=_reason(e),
+                )
         return expired
+
+    async def apply_retention(self) -> dict[str, int]:
+        """Delete ended updates, previews and events past their retention (config, in days)."""
+        now = self.clock.seconds()
+
+        def cutoff(days: float) -> float | None:
+            return now - days * DAY if days > 0 else None
+
+        rules = RetentionRules(
+            events_before=cutoff(self.config.event_retention_days),
+            previews_before=cutoff(self.config.preview_retention_days),
+            updates_before=cutoff(self.config.update_retention_days),
+            unstarted_before=now - DAY,
+        )
+        counts = await self.store.prune(rules)
+        if any(counts.values()):
+            self.log.info("retention removed {counts}", counts=counts)
+        return counts
 
     async def update_status(self, ref: StackRef, update_id: str) -> UpdateRecord:
         _stack, update = await self._update_of(ref, update_id)
@@ -414,7 +548,6 @@ class Backend:
         after = -1
         if continuation:
             after = parse_bounded_int(continuation, "continuation token")
-        await self.events.flush()
         events = await self.store.get_events(update_id, after, EVENTS_PAGE)
         last = events[-1].sequence if events else after
         finished = update.status not in ("running", "not-started")
@@ -423,16 +556,25 @@ class Backend:
         return events, str(last)
 
     async def history(self, ref: StackRef, page: int, page_size: int) -> list[UpdateRecord]:
+        """Newest first, previews included; page 0 is every entry (Pulumi Cloud's API)."""
         stack = await self.stack(ref)
-        if not (1 <= page <= MAX_INT and 1 <= page_size <= MAX_INT):
-            raise BadRequest("Bad Request: page and pageSize must be positive integers")
+        if not (0 <= page <= MAX_INT and 1 <= page_size <= MAX_INT):
+            raise BadRequest("Bad Request: page must be 0 (all) or more, and pageSize 1 or more")
         return await self.store.list_history(stack.id, page, min(page_size, 1000))
 
     async def latest(self, ref: StackRef) -> UpdateRecord:
-        updates = await self.history(ref, 1, 1)
+        stack = await self.stack(ref)
+        updates = await self.store.list_history(stack.id, 1, 1, previews=False)
         if not updates:
             raise NotFound(f"Not Found: stack '{ref}' has no updates")
         return updates[0]
+
+    async def update_by_version(self, ref: StackRef, version: int) -> UpdateRecord:
+        stack = await self.stack(ref)
+        update = await self.store.get_update_by_version(stack.id, version)
+        if update is None:
+            raise NotFound(f"Not Found: stack '{ref}' has no update with version {version}")
+        return update
 
     # -- secrets --------------------------------------------------------------------------
 
@@ -450,3 +592,10 @@ class Backend:
     async def decrypt(self, ref: StackRef, ciphertexts: list[bytes]) -> list[bytes]:
         stack = await self._secrets_stack(ref)
         return await self.secrets.decrypt(stack.id, ciphertexts)
+
+
+def _reason(error: BaseException) -> str:
+    """A short, safe description of an error for logs and the update's record."""
+    if isinstance(error, PulumidError):
+        return error.message
+    return f"{type(error).__name__}: {error}"[:500]

@@ -44,11 +44,41 @@ def gunzip_blocking(data: bytes, limit: int) -> bytes:
     return out
 
 
+# Deepest nesting accepted in a body. What we build around a body's values (a state around
+# a journal entry's resource) and serialise again must stay within orjson's 254 levels.
+MAX_DEPTH = 250
+# Integers stored as SQL integers (sequence numbers) are signed 64-bit.
+MAX_SQL_INT = 2**63 - 1
+
+
 def load_json_blocking(body: bytes) -> Any:
+    """The one parser of request bodies: the same one reads what we stored, later.
+
+    It refuses what could be accepted now and fail later: NaN and infinities, numbers that
+    overflow a double, lone surrogates, invalid UTF-8, a BOM, and nesting past MAX_DEPTH.
+    """
     try:
-        return orjson.loads(body)
+        value = orjson.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("Bad Request: the request body is not valid JSON") from None
+    if isinstance(value, dict | list):
+        _check_depth(value)
+    return value
+
+
+def _check_depth(value: Any) -> None:
+    try:
+        orjson.dumps([[[[value]]]])  # four levels of margin
+    except TypeError:
+        raise BadRequest(
+            f"Bad Request: the request body is nested more than {MAX_DEPTH} levels deep"
+        ) from None
+
+
+def sequence_number(value: Any, name: str = "sequenceNumber") -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SQL_INT:
+        raise BadRequest(f"Bad Request: '{name}' must be an integer from 0 to {MAX_SQL_INT}")
+    return value
 
 
 def raw_members(text: str) -> dict[str, tuple[Any, str]]:
@@ -90,9 +120,12 @@ def _skip(text: str, i: int) -> int:
 
 
 def _members(body: bytes) -> dict[str, tuple[Any, str]]:
+    """Top-level members with their exact text, of a body the one parser accepts."""
+    if not isinstance(load_json_blocking(body), dict):
+        raise BadRequest("Bad Request: the request body must be a JSON object")
     try:
         return raw_members(body.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise BadRequest("Bad Request: the request body is not valid JSON") from None
 
 
@@ -162,9 +195,7 @@ def verbatim_text_blocking(body: bytes) -> tuple[bytes, int, int]:
         raise BadRequest("Bad Request: 'untypedDeployment' must be a JSON object")
     _check_version(value.get("version"))
     count = count_resources(value.get("deployment"))
-    sequence = members.get("sequenceNumber", (0, ""))[0]
-    if not isinstance(sequence, int) or isinstance(sequence, bool):
-        raise BadRequest("Bad Request: 'sequenceNumber' must be an integer")
+    sequence = sequence_number(members.get("sequenceNumber", (0, ""))[0])
     return text.encode("utf-8"), count, sequence
 
 
@@ -182,11 +213,9 @@ def apply_delta_blocking(
     document = load_json_blocking(body)
     if not isinstance(document, dict):
         raise BadRequest("Bad Request: the request body must be a JSON object")
-    sequence = document.get("sequenceNumber")
+    sequence = sequence_number(document.get("sequenceNumber"))
     expected = document.get("checkpointHash")
     edits = document.get("deploymentDelta")
-    if not isinstance(sequence, int) or isinstance(sequence, bool):
-        raise BadRequest("Bad Request: 'sequenceNumber' must be an integer")
     if not isinstance(expected, str) or not isinstance(edits, list):
         raise BadRequest("Bad Request: 'checkpointHash' and 'deploymentDelta' are required")
     if sequence <= last_sequence and hashlib.sha256(baseline).hexdigest() == expected:
@@ -215,6 +244,8 @@ def apply_delta_blocking(
     result = bytes(out)
     if hashlib.sha256(result).hexdigest() != expected:
         raise BadRequest(DELTA_MISMATCH)
+    # The hash matched, but what it names must also be a state we can build at the end.
+    state_from_text_blocking(result, compress=False)
     return sequence, result
 
 
@@ -237,11 +268,14 @@ def stored_journal_blocking(stored: list[bytes], limit: int) -> list[dict[str, A
     return entries
 
 
-def state_from_text_blocking(text: bytes) -> StateBlob:
-    """A state whose text is already exact (verbatim/delta): count and compress."""
+def state_from_text_blocking(text: bytes, *, compress: bool = True) -> StateBlob:
+    """A state whose text is already exact (verbatim/delta): check, count and compress."""
     document = load_json_blocking(text)
-    deployment = document.get("deployment") if isinstance(document, dict) else None
-    return StateBlob(gzip_blocking(text), count_resources(deployment))
+    if not isinstance(document, dict):
+        raise BadRequest("Bad Request: the checkpoint is not a JSON object")
+    _check_version(document.get("version"))
+    count = count_resources(document.get("deployment"))
+    return StateBlob(gzip_blocking(text) if compress else b"", count)
 
 
 def state_from_document_blocking(document: dict[str, Any]) -> StateBlob:

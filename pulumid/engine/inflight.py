@@ -5,15 +5,19 @@ advances, so the state is materialised once, when the update ends (whatever its 
 reads after it cost nothing extra. Each delta-checkpointing update keeps the text of its last
 checkpoint, the baseline of the next delta. Everything here can be rebuilt from the store:
 the base state (version N as it was at start), the journal batches, the deltas.
+
+Both caches are bounded by an estimate of the memory they hold and rebuilt from the store on
+a miss; ending an update, however it ends, frees its entries. Replaying a batch runs on the
+CPU pool, under the update's lock, so the reactor never walks a state.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from twisted.internet.defer import DeferredLock
 from twisted.internet.interfaces import IReactorTime
@@ -25,22 +29,76 @@ from pulumid.storage.interface import Store
 from pulumid.storage.records import StateBlob, UpdateRecord
 from pulumid.threads import Runner
 
+V = TypeVar("V")
+
+# What the in-memory state of updates in flight may hold, in bytes of JSON text. Parsed
+# replay state takes a few times its text; a miss costs a rebuild from the store.
+DEFAULT_BUDGET = 512 * 1024 * 1024
+
 
 def rfc3339(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+class CostLRU(Generic[V]):
+    """A least-recently-used map bounded by the summed cost of its values."""
+
+    def __init__(self, budget: int, cost: Callable[[V], int]) -> None:
+        self.budget = budget
+        self._cost = cost
+        self._items: OrderedDict[str, tuple[V, int]] = OrderedDict()
+        self.total = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+    def get(self, key: str) -> V | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        self._items.move_to_end(key)
+        return item[0]
+
+    def put(self, key: str, value: V) -> None:
+        self.pop(key)
+        cost = self._cost(value)
+        self._items[key] = (value, cost)
+        self.total += cost
+        # The newest entry stays even when it alone is over budget: it is in use.
+        while self.total > self.budget and len(self._items) > 1:
+            _key, (_value, old) = self._items.popitem(last=False)
+            self.total -= old
+
+    def recost(self, key: str) -> None:
+        item = self._items.get(key)
+        if item is not None:
+            self.put(key, item[0])
+
+    def pop(self, key: str) -> None:
+        item = self._items.pop(key, None)
+        if item is not None:
+            self.total -= item[1]
+
+
 class InFlight:
     def __init__(
-        self, store: Store, cpu: Runner, clock: IReactorTime, limit: int, cached: int = 8
+        self,
+        store: Store,
+        cpu: Runner,
+        clock: IReactorTime,
+        limit: int,
+        budget: int = DEFAULT_BUDGET,
     ) -> None:
         self._store = store
         self._cpu = cpu
         self._clock = clock
         self._limit = limit
-        self._cached = cached
-        self._journals: dict[str, JournalReplayer] = {}
-        self._baselines: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
+        # Half the budget each: a burst of one kind cannot evict every entry of the other.
+        self.journals: CostLRU[JournalReplayer] = CostLRU(budget // 2, lambda r: r.text_bytes)
+        self.baselines: CostLRU[tuple[int, bytes]] = CostLRU(budget // 2, lambda b: len(b[1]))
         self._locks: dict[str, DeferredLock] = {}
 
     @asynccontextmanager
@@ -56,63 +114,66 @@ class InFlight:
                 self._locks.pop(update_id, None)
 
     def forget(self, update_id: str) -> None:
-        self._journals.pop(update_id, None)
-        self._baselines.pop(update_id, None)
-
-    def _remember(self, cache: OrderedDict[str, Any], key: str, value: Any) -> None:
-        cache[key] = value
-        cache.move_to_end(key)
-        while len(cache) > self._cached:
-            cache.popitem(last=False)
+        self.journals.pop(update_id)
+        self.baselines.pop(update_id)
 
     # -- journaling -----------------------------------------------------------------------
 
     async def _replayer(self, update: UpdateRecord) -> JournalReplayer:
-        replayer = self._journals.get(update.id)
+        replayer = self.journals.get(update.id)
         if replayer is not None:
             return replayer
         base = await self._store.get_state(update.stack_id, update.version)
         stored = await self._store.get_journal(update.id)
         replayer = await self._cpu.run(self._rebuild_blocking, base, stored)
-        # Kept until the update ends (complete, cancel, expiry): evicting the replayer of a
-        # running update would make every later batch replay its whole journal again.
-        self._journals[update.id] = replayer
+        self.journals.put(update.id, replayer)
         return replayer
 
     def _rebuild_blocking(self, base: StateBlob | None, stored: list[bytes]) -> JournalReplayer:
         document: dict[str, Any] = {}
+        text_bytes = 0
         if base is not None:
-            document = deployments.parse_state_blocking(base)
+            text = deployments.gunzip_blocking(base.gzipped, 1 << 34)
+            text_bytes = len(text)
+            document = deployments.load_json_blocking(text)
         replayer = JournalReplayer(document.get("deployment") or {})
         replayer.add(deployments.stored_journal_blocking(stored, self._limit))
+        replayer.text_bytes = text_bytes + sum(len(body) for body in stored)
         return replayer
 
-    async def add_journal(self, update: UpdateRecord, token: str, wire: bytes, body: bytes) -> None:
+    @staticmethod
+    def _apply_blocking(replayer: JournalReplayer, entries: list[dict[str, Any]]) -> None:
+        replayer.add(entries, check=True)
+
+    async def add_journal(
+        self, update: UpdateRecord, token_hash: str, wire: bytes, body: bytes
+    ) -> None:
         """Validate and apply a batch in memory, then persist it before acknowledging."""
         entries = await self._cpu.run(deployments.journal_entries_blocking, body)
         async with self._locked(update.id):
             replayer = await self._replayer(update)
             try:
-                replayer.add(entries)
+                await self._cpu.run(self._apply_blocking, replayer, entries)
             except JournalError as e:
-                self._journals.pop(update.id, None)  # rebuilt from what was persisted
                 raise BadRequest(f"Bad Request: invalid journal entry: {e}") from None
             try:
-                await self._store.append_journal(update.id, token, self._clock.seconds(), wire)
+                await self._store.append_journal(update.id, token_hash, self._clock.seconds(), wire)
             except BaseException:
-                self._journals.pop(update.id, None)
+                self.journals.pop(update.id)  # rebuilt from what was persisted
                 raise
+            replayer.text_bytes += len(body)
+            self.journals.recost(update.id)
 
     # -- delta checkpoints ----------------------------------------------------------------
 
     async def _baseline(self, update: UpdateRecord) -> tuple[int, bytes]:
-        cached = self._baselines.get(update.id)
+        cached = self.baselines.get(update.id)
         if cached is not None:
             return cached
         state = await self._store.get_state(update.stack_id, update.version)
         deltas = await self._store.get_deltas(update.id)
         rebuilt = await self._cpu.run(self._rebuild_baseline_blocking, update, state, deltas)
-        self._remember(self._baselines, update.id, rebuilt)
+        self.baselines.put(update.id, rebuilt)
         return rebuilt
 
     def _rebuild_baseline_blocking(
@@ -128,16 +189,25 @@ class InFlight:
                 sequence, text = applied
         return sequence, text
 
-    async def save_verbatim(self, update: UpdateRecord, token: str, body: bytes) -> None:
+    async def save_full(self, update: UpdateRecord, token_hash: str, body: bytes) -> None:
+        state = await self._cpu.run(deployments.checkpoint_state_blocking, body)
+        async with self._locked(update.id):
+            await self._store.save_checkpoint(update.id, token_hash, self._clock.seconds(), state)
+            self.baselines.pop(update.id)  # the next delta's baseline is this state
+
+    async def save_verbatim(self, update: UpdateRecord, token_hash: str, body: bytes) -> None:
         text, count, sequence = await self._cpu.run(deployments.verbatim_text_blocking, body)
         state = StateBlob(await self._cpu.run(deployments.gzip_blocking, text), count)
         async with self._locked(update.id):
-            await self._store.save_checkpoint(
-                update.id, token, self._clock.seconds(), state, sequence
+            saved = await self._store.save_checkpoint(
+                update.id, token_hash, self._clock.seconds(), state, sequence
             )
-            self._remember(self._baselines, update.id, (sequence, text))
+            if saved:
+                self.baselines.put(update.id, (sequence, text))
 
-    async def save_delta(self, update: UpdateRecord, token: str, wire: bytes, body: bytes) -> None:
+    async def save_delta(
+        self, update: UpdateRecord, token_hash: str, wire: bytes, body: bytes
+    ) -> None:
         async with self._locked(update.id):
             sequence, baseline = await self._baseline(update)
             applied = await self._cpu.run(
@@ -145,8 +215,11 @@ class InFlight:
             )
             if applied is None:
                 return  # a retry of the delta we already hold
-            await self._store.save_delta(update.id, token, self._clock.seconds(), applied[0], wire)
-            self._remember(self._baselines, update.id, applied)
+            saved = await self._store.save_delta(
+                update.id, token_hash, self._clock.seconds(), applied[0], wire
+            )
+            if saved:
+                self.baselines.put(update.id, applied)
 
     # -- materialising --------------------------------------------------------------------
 
@@ -163,7 +236,7 @@ class InFlight:
             return await self._cpu.run(
                 self._generate_blocking, replayer, self._clock.seconds(), update.engine_version
             )
-        if update.checkpoint_seq == 0 and update.id not in self._baselines:
+        if update.checkpoint_seq == 0 and update.id not in self.baselines:
             return None  # no verbatim or delta checkpoint: version N is current
         if not await self._store.get_deltas(update.id):
             return None  # the last save was a full one, stored as version N

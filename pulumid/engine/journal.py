@@ -603,6 +603,14 @@ def _normalise_aliases(
     return out, snippets
 
 
+def _has_aliases(entry: _Entry) -> bool:
+    resources = (entry.state, (entry.operation or {}).get("resource"))
+    return any(res is not None and "aliases" in res for res in resources) or (
+        entry.new_snapshot is not None
+        and any("aliases" in res for res in entry.new_snapshot.get("resources") or ())
+    )
+
+
 def _needs_normalising(res: dict[str, Any]) -> bool:
     provider = res.get("provider")
     return "aliases" in res or (isinstance(provider, str) and provider.endswith("::"))
@@ -694,6 +702,8 @@ class JournalReplayer:
     def __init__(self, base: dict[str, Any]) -> None:
         self._state = _State(_check_deployment(base, "base deployment"))
         self._applied_through = 0
+        # Bytes of JSON text this replayer was built from: a cache's estimate of its size.
+        self.text_bytes = 0
         # Entries that arrived ahead of a gap in the sequence, by sequenceID.
         self._pending: dict[int, _Entry] = {}
 
@@ -712,10 +722,13 @@ class JournalReplayer:
         """Entries waiting for an earlier sequenceID to arrive."""
         return len(self._pending)
 
-    def add(self, entries: Iterable[dict[str, Any]]) -> None:
+    def add(self, entries: Iterable[dict[str, Any]], *, check: bool = False) -> None:
         """Accept a batch in any order, ignoring sequenceIDs already seen.
 
-        All or nothing: on JournalError the replayer is exactly as before the call.
+        All or nothing: on JournalError the replayer is exactly as before the call. With
+        `check`, a batch that brings aliases is refused when the deployment could no longer
+        be generated (two resources claiming one alias), so a state that was acknowledged
+        can always be built.
         """
         parsed = [_parse(raw) for raw in entries]
         log = _Log(record=True)
@@ -734,6 +747,8 @@ class JournalReplayer:
                 del self._pending[nxt.seq]
                 taken.append(nxt)
                 self._applied_through = nxt.seq
+            if check and any(_has_aliases(entry) for entry in taken):
+                _build(self._state, now_iso="", engine_version="")
         except BaseException:
             # Whatever went wrong, leave no trace of this batch.
             log.rollback()

@@ -6,9 +6,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.application.internet import TimerService
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+
+from pulumid.errors import PulumidError
 
 
 class SafeTimer(TimerService):
@@ -22,13 +26,27 @@ class SafeTimer(TimerService):
         step: float,
         tick: Callable[[], Awaitable[Any]],
         clock: IReactorTime | None = None,
+        *,
+        now: bool = True,
     ) -> None:
         super().__init__(step, self._tick)
         self.setName(name)
         self._callable = tick
+        self._now = now
         self.failures = 0
         if clock is not None:
             self.clock = clock
+
+    def startService(self) -> None:
+        if self._now:
+            super().startService()
+            return
+        # TimerService always ticks at start; this one waits one step first.
+        Service.startService(self)
+        self._loop = LoopingCall(self.call[0])
+        self._loop.clock = self.clock  # type: ignore[assignment]
+        self._loopFinished = self._loop.start(self.step, now=False)
+        self._loopFinished.addErrback(self._failed)
 
     def _tick(self) -> Deferred[None]:
         d: Deferred[Any] = Deferred.fromCoroutine(self._run())
@@ -37,17 +55,10 @@ class SafeTimer(TimerService):
     async def _run(self) -> None:
         try:
             await self._callable()
+        except PulumidError as e:
+            # Expected failures (storage unavailable): a line, not a traceback.
+            self.failures += 1
+            self.log.error("timer {name} failed: {error}", name=self.name, error=e.message)
         except Exception:
             self.failures += 1
             self.log.failure("timer {name} failed", name=self.name)
-
-
-class FlushOnStop(SafeTimer):
-    """The event flusher: one last flush when the daemon stops."""
-
-    def stopService(self) -> Deferred[None] | None:
-        stopped: Deferred[None] | None = super().stopService()
-        final: Deferred[None] = Deferred.fromCoroutine(self._run())
-        if stopped is None:
-            return final
-        return stopped.addCallback(lambda _: final)

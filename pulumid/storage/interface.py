@@ -2,7 +2,10 @@
 
 Operations are coarse and domain-shaped ("start this update unless another holds the stack"),
 so each one is a single transaction in any backend. Conflicts surface as PulumidError
-subclasses, never as backend errors. Every method returns a Deferred.
+subclasses, never as backend errors: a storage failure is `Unavailable` (503), raised after
+the transaction was rolled back, and leaves the store usable. Every method returns a Deferred.
+
+Update tokens cross this seam only as hashes (`token_hash`), compared in constant time.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Protocol
 from twisted.internet.defer import Deferred
 
 from pulumid.storage.records import (
+    RetentionRules,
     StackRecord,
     StackRef,
     StateBlob,
@@ -64,7 +68,7 @@ class Store(Protocol):
     def start_update(
         self,
         update_id: str,
-        token: str,
+        token_hash: str,
         now: float,
         lease_expires: float,
         tags: dict[str, str] | None,
@@ -72,47 +76,70 @@ class Store(Protocol):
         engine_version: str = "",
     ) -> Deferred[UpdateRecord]: ...
     def renew_lease(
-        self, update_id: str, token: str, now: float, lease_expires: float
+        self, update_id: str, token_hash: str, now: float, lease_expires: float
     ) -> Deferred[None]: ...
     def check_lease(
-        self, update_id: str, token: str, now: float, ref: StackRef | None = None
+        self, update_id: str, token_hash: str, now: float, ref: StackRef | None = None
     ) -> Deferred[UpdateRecord]:
-        """The running update's record if `token` holds its live lease (and, given `ref`,
+        """The running update's record if `token_hash` holds its live lease (and, given `ref`,
         the update belongs to that stack): else NotFound, Forbidden or Conflict."""
 
+    def find_update_by_token(self, token_hash: str) -> Deferred[UpdateRecord | None]: ...
+
+    # Checkpoint writes are monotonic: a sequence at or below the stored one is ignored
+    # (False). Journaling updates refuse them (Conflict).
     def save_checkpoint(
-        self, update_id: str, token: str, now: float, state: StateBlob, sequence: int = 0
-    ) -> Deferred[None]: ...
+        self, update_id: str, token_hash: str, now: float, state: StateBlob, sequence: int = 0
+    ) -> Deferred[bool]: ...
     def save_delta(
-        self, update_id: str, token: str, now: float, sequence: int, body: bytes
-    ) -> Deferred[None]: ...
+        self, update_id: str, token_hash: str, now: float, sequence: int, body: bytes
+    ) -> Deferred[bool]: ...
     def get_deltas(self, update_id: str) -> Deferred[list[tuple[int, bytes]]]: ...
     def append_journal(
-        self, update_id: str, token: str, now: float, body: bytes
+        self, update_id: str, token_hash: str, now: float, body: bytes
     ) -> Deferred[None]: ...
     def get_journal(self, update_id: str) -> Deferred[list[bytes]]: ...
+    # Ending an update: `state` becomes version N when given; `failure` records why the
+    # server ended it (complete then ends it failed whatever the CLI said).
     def complete_update(
         self,
         update_id: str,
-        token: str,
+        token_hash: str,
         now: float,
         status: str,
         keep_versions: int,
         state: StateBlob | None = None,
+        failure: str | None = None,
     ) -> Deferred[None]: ...
     def cancel_update(
-        self, update_id: str, now: float, state: StateBlob | None = None, keep_versions: int = 0
+        self,
+        update_id: str,
+        now: float,
+        state: StateBlob | None = None,
+        keep_versions: int = 0,
+        failure: str | None = None,
     ) -> Deferred[None]: ...
     def list_expired(self, now: float) -> Deferred[list[UpdateRecord]]: ...
     def expire_update(
-        self, update_id: str, now: float, state: StateBlob | None = None, keep_versions: int = 0
+        self,
+        update_id: str,
+        now: float,
+        state: StateBlob | None = None,
+        keep_versions: int = 0,
+        failure: str | None = None,
     ) -> Deferred[bool]: ...
     def import_state(
         self, update: UpdateRecord, state: StateBlob, keep_versions: int
     ) -> Deferred[int]: ...
     def list_history(
-        self, stack_id: int, page: int, page_size: int
+        self, stack_id: int, page: int, page_size: int, previews: bool = True
     ) -> Deferred[list[UpdateRecord]]: ...
+    def get_update_by_version(
+        self, stack_id: int, version: int
+    ) -> Deferred[UpdateRecord | None]: ...
+
+    # retention
+    def prune(self, rules: RetentionRules) -> Deferred[dict[str, int]]: ...
 
     # engine events
     def append_events(

@@ -57,6 +57,9 @@ class UpdateRecord:
     config: dict[str, Any]
     metadata: dict[str, Any]
     created: float
+    # Only the hash of the update token is stored; `token` is set on the record that
+    # start_update returns, the one time the plaintext exists.
+    token_hash: str | None = None
     token: str | None = None
     lease_expires: float | None = None
     start_time: float | None = None
@@ -67,9 +70,21 @@ class UpdateRecord:
     engine_version: str = ""
     # Sequence number of the last checkpoint (verbatim or delta) this update saved.
     checkpoint_seq: int = 0
+    # Why the server ended the update (e.g. its final state could not be built), if it did.
+    failure: str | None = None
 
 
 @dataclass(frozen=True)
 class StoredEvent:
     sequence: int
     data: bytes
+
+
+@dataclass(frozen=True)
+class RetentionRules:
+    """Cut-off times (epoch seconds) before which ended things are deleted; None keeps all."""
+
+    events_before: float | None = None
+    previews_before: float | None = None
+    updates_before: float | None = None
+    unstarted_before: float | None = None

@@ -1,8 +1,32 @@
-"""SQLite schema, versioned: each entry migrates from the previous version."""
+"""SQLite schema, versioned: each entry migrates from the previous version.
+
+An entry is an SQL script, or a function for steps that need Python (e.g. hashing).
+"""
 
 from __future__ import annotations
 
-MIGRATIONS: list[str] = [
+import sqlite3
+from collections.abc import Callable
+
+from pulumid.auth.tokens import hash_token
+
+
+def _v3_hashed_tokens_and_failures(conn: sqlite3.Connection) -> None:
+    """Update tokens are kept as hashes only; updates the server ended say why."""
+    conn.execute("ALTER TABLE updates ADD COLUMN token_hash TEXT")
+    conn.execute("ALTER TABLE updates ADD COLUMN failure TEXT")
+    rows = conn.execute("SELECT id, token FROM updates WHERE token IS NOT NULL").fetchall()
+    conn.executemany(
+        "UPDATE updates SET token_hash = ? WHERE id = ?",
+        [(hash_token(token), update_id) for update_id, token in rows],
+    )
+    conn.execute("ALTER TABLE updates DROP COLUMN token")
+    conn.execute("CREATE INDEX updates_token ON updates (token_hash)")
+    # Retention sweeps find ended updates by age.
+    conn.execute("CREATE INDEX updates_ended ON updates (end_time)")
+
+
+MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     # 1: initial schema
     """
     CREATE TABLE stacks (
@@ -91,6 +115,8 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (update_id, seq)
     ) WITHOUT ROWID;
     """,
+    # 3: hashed update tokens, the reason an update was ended by the server
+    _v3_hashed_tokens_and_failures,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

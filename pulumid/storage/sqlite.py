@@ -6,17 +6,24 @@ that thread only, never touch the reactor, and return plain values.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 import sqlite3
+import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
-from pulumid.errors import BadRequest, Conflict, Forbidden, NotFound
+from pulumid.auth.tokens import same
+from pulumid.errors import BadRequest, Conflict, Forbidden, NotFound, PulumidError, Unavailable
+from pulumid.storage.faults import Faults
 from pulumid.storage.records import (
+    RetentionRules,
     StackRecord,
     StackRef,
     StateBlob,
@@ -27,18 +34,22 @@ from pulumid.storage.schema import MIGRATIONS, SCHEMA_VERSION
 from pulumid.threads import Runner
 
 T = TypeVar("T")
+log = Logger()
 
 STACK_HAS_RESOURCES = "Bad Request: Stack still contains resources."
 ANOTHER_UPDATE = "Conflict: Another update is currently in progress."
+STORAGE_FAILED = "Service Unavailable: the database could not complete the request; try again"
+# After a commit leaves the WAL bigger than this, it is checkpointed and truncated.
+WAL_TRUNCATE_BYTES = 64 * 1024 * 1024
 
 _STACK_COLUMNS = (
     "id, org, project, name, version, locked_by, last_update, resource_count, "
     "last_update_time, created"
 )
 _UPDATE_COLUMNS = (
-    "id, stack_id, kind, dry_run, status, version, program, config, metadata, created, token, "
-    "lease_expires, start_time, end_time, resource_changes, journal_version, requested_by, "
-    "engine_version, checkpoint_seq"
+    "id, stack_id, kind, dry_run, status, version, program, config, metadata, created, "
+    "token_hash, lease_expires, start_time, end_time, resource_changes, journal_version, "
+    "requested_by, engine_version, checkpoint_seq, failure"
 )
 
 
@@ -46,14 +57,70 @@ class SchemaTooNew(Exception):
     pass
 
 
+class StorageUnusable(Exception):
+    """The database cannot be opened safely: the message says why and what to do."""
+
+
+def _private_file(path: Path) -> None:
+    """Create `path` readable by its owner only, or take group/other access off it."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+    except FileExistsError:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            os.chmod(path, mode & 0o700)
+
+
+def data_files(path: Path) -> list[Path]:
+    """The database and the files SQLite keeps beside it."""
+    return [path, *(path.with_name(path.name + suffix) for suffix in ("-wal", "-shm"))]
+
+
+def lock_database(path: Path) -> IO[str]:
+    """Hold an exclusive lock on `<db>.lock` for the life of the process.
+
+    Two daemons on one file would each trust their in-memory leases and journals, and
+    diverge: the second one is refused.
+    """
+    lock_path = path.with_name(path.name + ".lock")
+    _private_file(lock_path)
+    handle = open(lock_path, "r+")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise StorageUnusable(
+            f"the database {path} is in use by another pulumid (pid {holder}); "
+            "stop it first, or give this one its own --database"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
 def connect(path: Path, *, sync_commits: bool) -> sqlite3.Connection:
+    for existing in data_files(path):
+        if existing == path or existing.exists():
+            _private_file(existing)  # SQLite gives -wal and -shm the database's mode
     conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        conn.close()
+        raise StorageUnusable(
+            f"SQLite could not put {path} in WAL mode (it reports {mode!r}); WAL needs a "
+            "local file system that supports shared memory: move the database to one"
+        )
     # NORMAL in WAL mode: a committed transaction survives a crash of the process;
     # FULL also survives power loss, at the cost of an fsync per commit.
     conn.execute(f"PRAGMA synchronous={'FULL' if sync_commits else 'NORMAL'}")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=10000")
+    # Checkpoints shrink the WAL back to this size instead of leaving it at its peak.
+    conn.execute(f"PRAGMA journal_size_limit={WAL_TRUNCATE_BYTES}")
     return conn
 
 
@@ -71,21 +138,43 @@ def migrate(conn: sqlite3.Connection, path: Path | None) -> int:
         return current
     if current > 0 and path is not None and path.exists():
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        shutil.copy2(path, path.with_name(f"{path.name}.before-v{SCHEMA_VERSION}"))
+        copy = path.with_name(f"{path.name}.before-v{SCHEMA_VERSION}")
+        shutil.copy2(path, copy)
+        os.chmod(copy, 0o600)
     for version in range(current, SCHEMA_VERSION):
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _statements(MIGRATIONS[version]):
-                conn.execute(statement)
+            step = MIGRATIONS[version]
+            if callable(step):
+                step(conn)
+            else:
+                for statement in _statements(step):
+                    conn.execute(statement)
             conn.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
                 (str(version + 1),),
             )
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback_quietly(conn)
             raise
     return SCHEMA_VERSION
+
+
+def _end_open_transaction(conn: sqlite3.Connection) -> None:
+    """Roll back what a failed COMMIT and ROLLBACK left open: no one may see or extend it."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+
+
+def _rollback_quietly(conn: sqlite3.Connection) -> None:
+    """Leave the connection outside any transaction without hiding the error being raised."""
+    if not conn.in_transaction:
+        return
+    try:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error as e:
+        log.error("ROLLBACK failed after an error: {error}", error=str(e))
 
 
 def _statements(script: str) -> Iterable[str]:
@@ -123,7 +212,7 @@ def _update(row: tuple[Any, ...]) -> UpdateRecord:
         config=json.loads(row[7]),
         metadata=json.loads(row[8]),
         created=row[9],
-        token=row[10],
+        token_hash=row[10],
         lease_expires=row[11],
         start_time=row[12],
         end_time=row[13],
@@ -132,42 +221,102 @@ def _update(row: tuple[Any, ...]) -> UpdateRecord:
         requested_by=row[16],
         engine_version=row[17],
         checkpoint_seq=row[18],
+        failure=row[19],
     )
 
 
 class SQLiteStore:
-    def __init__(self, conn: sqlite3.Connection, runner: Runner) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        runner: Runner,
+        *,
+        path: Path | None = None,
+        lock: IO[str] | None = None,
+        faults: Faults | None = None,
+    ) -> None:
         self._conn = conn
         self._runner = runner
+        self._path = path
+        self._lock = lock
+        self.faults = faults or Faults()
 
     @classmethod
-    def open(cls, path: Path, runner: Runner, *, sync_commits: bool = False) -> SQLiteStore:
+    def open(
+        cls,
+        path: Path,
+        runner: Runner,
+        *,
+        sync_commits: bool = True,
+        faults: Faults | None = None,
+    ) -> SQLiteStore:
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = connect(path, sync_commits=sync_commits)
-        migrate(conn, path)
-        return cls(conn, runner)
+        lock = lock_database(path)
+        try:
+            conn = connect(path, sync_commits=sync_commits)
+            migrate(conn, path)
+        except BaseException:
+            lock.close()
+            raise
+        return cls(conn, runner, path=path, lock=lock, faults=faults)
 
     def close(self) -> None:
         self._conn.close()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     # -- plumbing -------------------------------------------------------------------------
 
     def _read(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
-        return self._runner.run(f, self._conn, *args)
+        return self._runner.run(self._reading, f, *args)
 
     def _write(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
         return self._runner.run(self._in_transaction, f, *args)
 
+    def _reading(self, f: Callable[..., T], *args: Any) -> T:
+        try:
+            _end_open_transaction(self._conn)
+            return f(self._conn, *args)
+        except sqlite3.Error as e:
+            raise _unavailable(e) from e
+
     def _in_transaction(self, f: Callable[..., T], *args: Any) -> T:
         conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
         try:
+            _end_open_transaction(conn)
+            conn.execute("BEGIN IMMEDIATE")
             result = f(conn, *args)
-        except BaseException:
-            conn.execute("ROLLBACK")
+            self.faults.hit("commit")
+            conn.execute("COMMIT")
+        except BaseException as error:
+            if conn.in_transaction:
+                try:
+                    self.faults.hit("rollback")
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error as e:
+                    # The original error is the one to report; the next transaction
+                    # retries the rollback before it begins.
+                    log.error("ROLLBACK failed after an error: {error}", error=str(e))
+            if isinstance(error, sqlite3.Error):
+                raise _unavailable(error) from error
             raise
-        conn.execute("COMMIT")
+        self.faults.hit("committed")
+        self._truncate_wal_if_large()
         return result
+
+    def _truncate_wal_if_large(self) -> None:
+        if self._path is None:
+            return
+        try:
+            size = os.stat(self._path.with_name(self._path.name + "-wal")).st_size
+        except OSError:
+            return
+        if size > WAL_TRUNCATE_BYTES:
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as e:
+                log.warn("WAL checkpoint failed: {error}", error=str(e))
 
     # -- meta -----------------------------------------------------------------------------
 
@@ -401,7 +550,7 @@ class SQLiteStore:
     def start_update(
         self,
         update_id: str,
-        token: str,
+        token_hash: str,
         now: float,
         lease_expires: float,
         tags: dict[str, str] | None,
@@ -434,10 +583,18 @@ class SQLiteStore:
             if tags is not None:
                 _write_tags(conn, stack.id, tags)
             conn.execute(
-                "UPDATE updates SET status = 'running', token = ?, lease_expires = ?, "
+                "UPDATE updates SET status = 'running', token_hash = ?, lease_expires = ?, "
                 "start_time = ?, version = ?, journal_version = ?, engine_version = ? "
                 "WHERE id = ?",
-                (token, lease_expires, now, version, journal_version, engine_version, update_id),
+                (
+                    token_hash,
+                    lease_expires,
+                    now,
+                    version,
+                    journal_version,
+                    engine_version,
+                    update_id,
+                ),
             )
             started = _find_update(conn, update_id)
             assert started is not None
@@ -446,7 +603,7 @@ class SQLiteStore:
         return self._write(txn)
 
     def check_lease(
-        self, update_id: str, token: str, now: float, ref: StackRef | None = None
+        self, update_id: str, token_hash: str, now: float, ref: StackRef | None = None
     ) -> Deferred[UpdateRecord]:
         def txn(conn: sqlite3.Connection) -> UpdateRecord:
             if ref is not None:
@@ -457,15 +614,15 @@ class SQLiteStore:
                 ).fetchone()
                 if row is None:
                     raise NotFound(f"Not Found: update '{update_id}' not found")
-            return _check_lease(conn, update_id, token, now)
+            return _check_lease(conn, update_id, token_hash, now)
 
         return self._read(txn)
 
     def renew_lease(
-        self, update_id: str, token: str, now: float, lease_expires: float
+        self, update_id: str, token_hash: str, now: float, lease_expires: float
     ) -> Deferred[None]:
         def txn(conn: sqlite3.Connection) -> None:
-            _check_lease(conn, update_id, token, now)
+            _check_lease(conn, update_id, token_hash, now)
             conn.execute(
                 "UPDATE updates SET lease_expires = ? WHERE id = ?", (lease_expires, update_id)
             )
@@ -473,10 +630,12 @@ class SQLiteStore:
         return self._write(txn)
 
     def save_checkpoint(
-        self, update_id: str, token: str, now: float, state: StateBlob, sequence: int = 0
-    ) -> Deferred[None]:
-        def txn(conn: sqlite3.Connection) -> None:
-            update = _check_writable(conn, update_id, token, now)
+        self, update_id: str, token_hash: str, now: float, state: StateBlob, sequence: int = 0
+    ) -> Deferred[bool]:
+        def txn(conn: sqlite3.Connection) -> bool:
+            update = _check_checkpointing(conn, update_id, token_hash, now)
+            if sequence and sequence <= update.checkpoint_seq:
+                return False  # a late retry must not roll the state back
             _put_state(conn, update.stack_id, update.version, state)
             conn.execute(
                 "UPDATE stacks SET resource_count = ? WHERE id = ? AND version = ?",
@@ -485,16 +644,20 @@ class SQLiteStore:
             # A full state supersedes the deltas saved before it.
             conn.execute("DELETE FROM checkpoint_deltas WHERE update_id = ?", (update_id,))
             conn.execute(
-                "UPDATE updates SET checkpoint_seq = ? WHERE id = ?", (sequence, update_id)
+                "UPDATE updates SET checkpoint_seq = MAX(checkpoint_seq, ?) WHERE id = ?",
+                (sequence, update_id),
             )
+            return True
 
         return self._write(txn)
 
     def save_delta(
-        self, update_id: str, token: str, now: float, sequence: int, body: bytes
-    ) -> Deferred[None]:
-        def txn(conn: sqlite3.Connection) -> None:
-            _check_writable(conn, update_id, token, now)
+        self, update_id: str, token_hash: str, now: float, sequence: int, body: bytes
+    ) -> Deferred[bool]:
+        def txn(conn: sqlite3.Connection) -> bool:
+            update = _check_checkpointing(conn, update_id, token_hash, now)
+            if sequence <= update.checkpoint_seq:
+                return False
             conn.execute(
                 "INSERT OR REPLACE INTO checkpoint_deltas (update_id, seq, body) VALUES (?, ?, ?)",
                 (update_id, sequence, body),
@@ -502,6 +665,7 @@ class SQLiteStore:
             conn.execute(
                 "UPDATE updates SET checkpoint_seq = ? WHERE id = ?", (sequence, update_id)
             )
+            return True
 
         return self._write(txn)
 
@@ -515,9 +679,11 @@ class SQLiteStore:
 
         return self._read(txn)
 
-    def append_journal(self, update_id: str, token: str, now: float, body: bytes) -> Deferred[None]:
+    def append_journal(
+        self, update_id: str, token_hash: str, now: float, body: bytes
+    ) -> Deferred[None]:
         def txn(conn: sqlite3.Connection) -> None:
-            update = _check_writable(conn, update_id, token, now)
+            update = _check_writable(conn, update_id, token_hash, now)
             if not update.journal_version:
                 raise BadRequest("Bad Request: journaling was not enabled for this update")
             conn.execute(
@@ -541,26 +707,35 @@ class SQLiteStore:
     def complete_update(
         self,
         update_id: str,
-        token: str,
+        token_hash: str,
         now: float,
         status: str,
         keep_versions: int,
         state: StateBlob | None = None,
+        failure: str | None = None,
     ) -> Deferred[None]:
+        """End the update as the CLI says; with `failure`, as failed and for that reason."""
+
         def txn(conn: sqlite3.Connection) -> None:
             update = _find_update(conn, update_id)
-            if update is None or update.token != token:
+            if update is None or not same(update.token_hash or "", token_hash):
                 raise Forbidden("Forbidden: the update token is not valid for this update")
-            if update.status == status:
+            final = "failed" if failure else status
+            if update.status == final:
                 return  # a retried complete that already took effect
             if update.status != "running":
                 raise Conflict(_not_running_message(update.status))
-            _finish(conn, update, status, now, state, keep_versions)
+            _finish(conn, update, final, now, state, keep_versions, failure)
 
         return self._write(txn)
 
     def cancel_update(
-        self, update_id: str, now: float, state: StateBlob | None = None, keep_versions: int = 0
+        self,
+        update_id: str,
+        now: float,
+        state: StateBlob | None = None,
+        keep_versions: int = 0,
+        failure: str | None = None,
     ) -> Deferred[None]:
         def txn(conn: sqlite3.Connection) -> None:
             update = _find_update(conn, update_id)
@@ -568,7 +743,7 @@ class SQLiteStore:
                 raise NotFound("Not Found: update not found")
             if update.status != "running":
                 raise Conflict(_not_running_message(update.status))
-            _finish(conn, update, "cancelled", now, state, keep_versions)
+            _finish(conn, update, "cancelled", now, state, keep_versions, failure)
 
         return self._write(txn)
 
@@ -584,13 +759,18 @@ class SQLiteStore:
         return self._read(txn)
 
     def expire_update(
-        self, update_id: str, now: float, state: StateBlob | None = None, keep_versions: int = 0
+        self,
+        update_id: str,
+        now: float,
+        state: StateBlob | None = None,
+        keep_versions: int = 0,
+        failure: str | None = None,
     ) -> Deferred[bool]:
         def txn(conn: sqlite3.Connection) -> bool:
             update = _find_update(conn, update_id)
             if update is None or update.status != "running" or (update.lease_expires or 0) > now:
                 return False  # renewed, finished or taken over meanwhile
-            _finish(conn, update, "failed", now, state, keep_versions)
+            _finish(conn, update, "failed", now, state, keep_versions, failure)
             return True
 
         return self._write(txn)
@@ -616,18 +796,81 @@ class SQLiteStore:
         return self._write(txn)
 
     def list_history(
-        self, stack_id: int, page: int, page_size: int
+        self, stack_id: int, page: int, page_size: int, previews: bool = True
     ) -> Deferred[list[UpdateRecord]]:
+        """Newest first; page 0 is every entry. Previews are listed unless `previews` is off."""
+
         def txn(conn: sqlite3.Connection) -> list[UpdateRecord]:
-            rows = conn.execute(
-                f"SELECT {_UPDATE_COLUMNS} FROM updates WHERE stack_id = ? AND dry_run = 0 "
-                "AND status != 'not-started' ORDER BY version DESC, created DESC "
-                "LIMIT ? OFFSET ?",
-                (stack_id, page_size, (page - 1) * page_size),
-            ).fetchall()
-            return [_update(row) for row in rows]
+            sql = (
+                f"SELECT {_UPDATE_COLUMNS} FROM updates WHERE stack_id = ? "
+                "AND status != 'not-started'"
+                + ("" if previews else " AND dry_run = 0")
+                + " ORDER BY version DESC, created DESC"
+            )
+            args: tuple[Any, ...] = (stack_id,)
+            if page > 0:
+                sql += " LIMIT ? OFFSET ?"
+                args = (stack_id, page_size, (page - 1) * page_size)
+            return [_update(row) for row in conn.execute(sql, args).fetchall()]
 
         return self._read(txn)
+
+    def get_update_by_version(self, stack_id: int, version: int) -> Deferred[UpdateRecord | None]:
+        def txn(conn: sqlite3.Connection) -> UpdateRecord | None:
+            row = conn.execute(
+                f"SELECT {_UPDATE_COLUMNS} FROM updates WHERE stack_id = ? AND version = ? "
+                "AND dry_run = 0 AND status != 'not-started' ORDER BY created DESC LIMIT 1",
+                (stack_id, version),
+            ).fetchone()
+            return _update(row) if row else None
+
+        return self._read(txn)
+
+    def find_update_by_token(self, token_hash: str) -> Deferred[UpdateRecord | None]:
+        """The update (running or ended) whose token hashes to `token_hash`, if any."""
+
+        def txn(conn: sqlite3.Connection) -> UpdateRecord | None:
+            row = conn.execute(
+                f"SELECT {_UPDATE_COLUMNS} FROM updates WHERE token_hash = ?",
+                (token_hash,),
+            ).fetchone()
+            return _update(row) if row else None
+
+        return self._read(txn)
+
+    def prune(self, rules: RetentionRules) -> Deferred[dict[str, int]]:
+        """Delete what retention lets go of; one transaction, counts by kind."""
+
+        def txn(conn: sqlite3.Connection) -> dict[str, int]:
+            counts = {"events": 0, "previews": 0, "updates": 0, "unstarted": 0}
+            if rules.events_before is not None:
+                counts["events"] = conn.execute(
+                    "DELETE FROM events WHERE update_id IN (SELECT id FROM updates "
+                    "WHERE status NOT IN ('running', 'not-started') AND end_time < ?)",
+                    (rules.events_before,),
+                ).rowcount
+            if rules.previews_before is not None:
+                counts["previews"] = conn.execute(
+                    "DELETE FROM updates WHERE dry_run = 1 AND status NOT IN ('running', "
+                    "'not-started') AND end_time < ?",
+                    (rules.previews_before,),
+                ).rowcount
+            if rules.updates_before is not None:
+                # The update that made the current version stays: the stack points at it.
+                counts["updates"] = conn.execute(
+                    "DELETE FROM updates WHERE status NOT IN ('running', 'not-started') "
+                    "AND end_time < ? AND id NOT IN (SELECT last_update FROM stacks "
+                    "WHERE last_update IS NOT NULL)",
+                    (rules.updates_before,),
+                ).rowcount
+            if rules.unstarted_before is not None:
+                counts["unstarted"] = conn.execute(
+                    "DELETE FROM updates WHERE status = 'not-started' AND created < ?",
+                    (rules.unstarted_before,),
+                ).rowcount
+            return counts
+
+        return self._write(txn)
 
     # -- events ---------------------------------------------------------------------------
 
@@ -636,6 +879,8 @@ class SQLiteStore:
     ) -> Deferred[None]:
         def txn(conn: sqlite3.Connection) -> None:
             for update_id, events in batches:
+                if _find_update(conn, update_id) is None:
+                    raise NotFound(f"Not Found: update '{update_id}' not found")
                 conn.executemany(
                     "INSERT OR IGNORE INTO events (update_id, seq, data) VALUES (?, ?, ?)",
                     [(update_id, event.sequence, event.data) for event in events],
@@ -660,6 +905,12 @@ class SQLiteStore:
 
 
 # -- transaction helpers (database thread only) ---------------------------------------------
+
+
+def _unavailable(error: sqlite3.Error) -> PulumidError:
+    """Storage failures answer 503: nothing was written, and a retry may succeed."""
+    log.error("database error: {error}", error=str(error))
+    return Unavailable(STORAGE_FAILED)
 
 
 def _get_stack_by_id(conn: sqlite3.Connection, stack_id: int) -> StackRecord:
@@ -720,7 +971,7 @@ def _insert_update(
 ) -> None:
     conn.execute(
         f"INSERT INTO updates ({_UPDATE_COLUMNS}) VALUES "
-        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             update.id,
             update.stack_id,
@@ -732,7 +983,7 @@ def _insert_update(
             json.dumps(update.config),
             json.dumps(update.metadata),
             update.created,
-            update.token,
+            update.token_hash,
             update.lease_expires,
             update.start_time,
             update.end_time,
@@ -741,13 +992,16 @@ def _insert_update(
             update.requested_by,
             update.engine_version,
             update.checkpoint_seq,
+            update.failure,
         ),
     )
 
 
-def _check_lease(conn: sqlite3.Connection, update_id: str, token: str, now: float) -> UpdateRecord:
+def _check_lease(
+    conn: sqlite3.Connection, update_id: str, token_hash: str, now: float
+) -> UpdateRecord:
     update = _find_update(conn, update_id)
-    if update is None or not update.token or update.token != token:
+    if update is None or not update.token_hash or not same(update.token_hash, token_hash):
         raise Forbidden("Forbidden: the update token is not valid for this update")
     if update.status != "running":
         raise Conflict(_not_running_message(update.status))
@@ -757,13 +1011,24 @@ def _check_lease(conn: sqlite3.Connection, update_id: str, token: str, now: floa
 
 
 def _check_writable(
-    conn: sqlite3.Connection, update_id: str, token: str, now: float
+    conn: sqlite3.Connection, update_id: str, token_hash: str, now: float
 ) -> UpdateRecord:
-    update = _check_lease(conn, update_id, token, now)
+    update = _check_lease(conn, update_id, token_hash, now)
     if update.dry_run:
         raise Forbidden(
             "Forbidden: Updating the checkpoint is not permitted for preview operations."
         )
+    return update
+
+
+def _check_checkpointing(
+    conn: sqlite3.Connection, update_id: str, token_hash: str, now: float
+) -> UpdateRecord:
+    update = _check_writable(conn, update_id, token_hash, now)
+    if update.journal_version:
+        # Its journal is replayed onto version N as it was at start: a checkpoint would
+        # replace that base under the replayer.
+        raise Conflict("Conflict: this update sends journal entries, not checkpoints")
     return update
 
 
@@ -799,9 +1064,11 @@ def _finish(
     now: float,
     state: StateBlob | None,
     keep_versions: int,
+    failure: str | None = None,
 ) -> None:
     conn.execute(
-        "UPDATE updates SET status = ?, end_time = ? WHERE id = ?", (status, now, update.id)
+        "UPDATE updates SET status = ?, end_time = ?, failure = ? WHERE id = ?",
+        (status, now, failure, update.id),
     )
     conn.execute(
         "UPDATE stacks SET locked_by = NULL WHERE id = ? AND locked_by = ?",

@@ -27,13 +27,10 @@ from twisted.web.client import (
     readBody,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.server import Site
 
-from pulumid.api.app import API
-from pulumid.api.http import limited_request_factory
 from pulumid.config import Config
 from pulumid.engine.backend import Backend
-from pulumid.tap import make_backend
+from pulumid.tap import make_backend, make_site
 
 pytestmark = pytest.mark.live
 
@@ -137,9 +134,7 @@ async def serve(tmp_path: Path, **overrides: Any) -> AsyncIterator[Server]:
     config = Config(**settings)
     top, backend = make_backend(config, reactor)
     top.startService()
-    site = Site(API(backend).resource())
-    site.requestFactory = limited_request_factory(config.max_body_size)
-    site.displayTracebacks = False
+    site = make_site(backend)
     port: IListeningPort = cast(Any, reactor).listenTCP(0, site, interface="127.0.0.1")
     address = port.getHost()
     assert isinstance(address, IPv4Address)
@@ -240,9 +235,16 @@ async def test_internal_errors_do_not_leak(tmp_path: Path) -> None:
     async with serve(tmp_path) as server:
         await create_stack(server)
         server.backend.store.close()
+        # A storage failure is a 503: nothing was written and a retry may succeed.
         reply = await server.call("GET", stack_path())
-        message = reply.assert_error(500)
-        _no_leak(message)
+        _no_leak(reply.assert_error(503))
+
+        async def broken(*args: Any) -> None:
+            raise RuntimeError("/work/pulumid/secret.py line 1")
+
+        server.backend.stack = broken  # type: ignore[method-assign,assignment]
+        reply = await server.call("GET", stack_path())
+        _no_leak(reply.assert_error(500))
 
 
 @pytest.mark.parametrize(

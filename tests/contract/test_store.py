@@ -324,7 +324,7 @@ def test_start_real_update_locks_and_bumps_version(store: Store) -> None:
     update = started(store, stack)
     assert update.status == "running"
     assert update.version == 1
-    assert update.token == "t"
+    assert update.token_hash == "t"
     assert update.lease_expires == NOW + TTL
     assert update.start_time == NOW
     after = stack_of(store, stack)
@@ -368,7 +368,9 @@ def test_dry_run_neither_locks_nor_bumps(store: Store) -> None:
     ok(store.complete_update(preview.id, "t", NOW + 1, "succeeded", 0))
     assert stack_of(store, stack).locked_by == real.id
     assert ok(store.get_stack(stack.ref)) is not None
-    assert [u.id for u in ok(store.list_history(stack.id, 1, 10))] == [real.id]
+    assert [u.id for u in ok(store.list_history(stack.id, 1, 10, previews=False))] == [real.id]
+    # Pulumi Cloud's history lists previews too; both have version 0 and 1 here.
+    assert [u.id for u in ok(store.list_history(stack.id, 1, 10))] == [real.id, preview.id]
 
 
 def test_checkpoint_overwrites_version_n(store: Store) -> None:
@@ -537,23 +539,34 @@ def test_import_conflicts_with_a_running_update(store: Store) -> None:
     assert ok(store.import_state(late, blob("x"), 0)) == 2
 
 
-def test_history_newest_first_without_dry_runs(store: Store) -> None:
+def test_history_newest_first_with_and_without_dry_runs(store: Store) -> None:
     stack = make_stack(store)
-    ids = []
+    ids, previews = [], []
     for i in range(3):
-        started(store, stack, now=NOW + 10 * i, dry_run=True)
+        preview = started(store, stack, now=NOW + 10 * i, dry_run=True)
+        previews.append(preview.id)
         update = started(store, stack, now=NOW + 10 * i + 1)
         ok(store.complete_update(update.id, "t", NOW + 10 * i + 2, "succeeded", 0))
         ids.append(update.id)
     ok(store.create_update(new_update(stack.id)))  # never started: not history
-    history = ok(store.list_history(stack.id, 1, 10))
+    history = ok(store.list_history(stack.id, 1, 10, previews=False))
     assert [u.id for u in history] == ids[::-1]
     assert [u.version for u in history] == [3, 2, 1]
     assert history[0].config == {"web:size": {"string": "3", "secret": False, "object": False}}
     assert history[0].metadata == {"message": "hi", "environment": {"exec.kind": "cli"}}
-    assert [u.id for u in ok(store.list_history(stack.id, 1, 2))] == ids[:0:-1]
-    assert [u.id for u in ok(store.list_history(stack.id, 2, 2))] == ids[:1]
-    assert ok(store.list_history(stack.id, 3, 2)) == []
+    assert [u.id for u in ok(store.list_history(stack.id, 1, 2, False))] == ids[:0:-1]
+    assert [u.id for u in ok(store.list_history(stack.id, 2, 2, False))] == ids[:1]
+    assert ok(store.list_history(stack.id, 3, 2, False)) == []
+    # With previews, each preview (of version N-1) follows the update that made version N.
+    everything = [ids[2], previews[2], ids[1], previews[1], ids[0], previews[0]]
+    assert [u.id for u in ok(store.list_history(stack.id, 1, 10))] == everything
+    # Page 0 is every entry, whatever the page size.
+    assert [u.id for u in ok(store.list_history(stack.id, 0, 1))] == everything
+    assert [u.id for u in ok(store.list_history(stack.id, 2, 2))] == everything[2:4]
+    [one] = ok(store.list_history(stack.id, 1, 1))
+    assert ok(store.get_update_by_version(stack.id, 2)) == ok(store.get_update(ids[1]))
+    assert ok(store.get_update_by_version(stack.id, 9)) is None
+    assert one.id == ids[2]
 
 
 def test_history_shows_a_running_update(store: Store) -> None:

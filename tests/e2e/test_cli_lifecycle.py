@@ -41,10 +41,20 @@ def test_lifecycle_and_history(
     cli.run("destroy", "--yes", "--skip-preview", cwd=p)
     assert resources(json.loads(cli.run("stack", "export", cwd=p).stdout)) == []
 
-    history = cli.json("stack", "history", cwd=p)
-    assert [h["kind"] for h in history] == ["destroy", "refresh", "update", "update"], history
-    assert [h["version"] for h in history] == [4, 3, 2, 1]
-    assert {h["result"] for h in history} == {"succeeded"}
+    # As in Pulumi Cloud's API, previews are listed too (the preview phases of `up` and
+    # `refresh` among them), each with the version the stack had when it ran.
+    everything = cli.json("stack", "history", cwd=p)
+    assert [(h["kind"], h["version"]) for h in everything] == [
+        ("destroy", 4),
+        ("refresh", 3),
+        ("preview", 2),
+        ("update", 2),
+        ("update", 1),
+        ("preview", 0),
+        ("preview", 0),
+    ], everything
+    assert {h["result"] for h in everything} == {"succeeded"}
+    history = [h for h in everything if h["kind"] != "preview"]
     assert history[3]["resourceChanges"] == {"create": 4}
     page = cli.json("stack", "history", "--page-size", "1", "--page", "2", cwd=p)
     assert [(h["kind"], h["version"]) for h in page] == [("refresh", 3)]

@@ -16,12 +16,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from pulumid.config import Config
 from pulumid.engine import deployments
 from pulumid.engine.backend import Backend
-from pulumid.engine.events import EventBuffer
+from pulumid.engine.events import EventWriter
 from pulumid.engine.inflight import InFlight
 from pulumid.engine.secrets import StackSecrets
 from pulumid.errors import BadRequest, Conflict, Forbidden, NotFound
 from pulumid.secrets.crypto import MasterKey
-from pulumid.services.timers import FlushOnStop, SafeTimer
+from pulumid.services.timers import SafeTimer
 from pulumid.storage.records import StackRef, UpdateRecord
 from pulumid.storage.sqlite import SQLiteStore
 from pulumid.threads import InlineRunner
@@ -52,7 +52,7 @@ class Env:
     backend: Backend
     clock: Clock
     store: SQLiteStore
-    events: EventBuffer
+    events: EventWriter
 
     def ref(self, name: str = "dev", project: str = "web") -> StackRef:
         return StackRef(ORG, project, name)
@@ -89,7 +89,7 @@ def _env(tmp_path: Path, **overrides: Any) -> Env:
     clock.advance(START)
     cpu = InlineRunner()
     secrets = StackSecrets(store, MasterKey.generate(), cpu)
-    events = EventBuffer(store)
+    events = EventWriter(store)
     inflight = InFlight(store, cpu, clock, config.max_body_size)
     backend = Backend(config, store, clock, cpu, secrets, events, inflight)
     return Env(backend, clock, store, events)
@@ -201,23 +201,25 @@ def test_dry_runs_neither_lock_nor_bump(env: Env, kind: str, dry_run: bool) -> N
     assert real.version == 1
     ok(env.backend.complete(ref, preview.id, preview.token, "succeeded"))
     assert ok(env.backend.stack(ref)).locked_by == real.id
-    assert [u.id for u in ok(env.backend.history(ref, 1, 10))] == [real.id]
+    assert [u.id for u in ok(env.backend.history(ref, 1, 10))] == [real.id, preview.id]
+    assert ok(env.backend.latest(ref)).id == real.id
 
 
 # -- events -------------------------------------------------------------------------------
 
 
-def test_events_buffered_then_flushed_in_order(env: Env) -> None:
+def test_events_are_stored_before_the_answer_and_read_in_order(env: Env) -> None:
     ref = env.create()
     update = env.start(ref)
     assert update.token
     batches = [[{"sequence": 2}, {"sequence": 3}], [{"sequence": 0}, {"sequence": 1}]]
     for batch in batches:
         ok(env.backend.post_events(ref, update.id, update.token, {"events": batch}))
-    assert env.events.pending == 4
-    assert _sync.successResultOf(env.store.get_events(update.id, -1, 100)) == []
+    # Acknowledged means committed: nothing waits in memory for a timer.
+    stored = _sync.successResultOf(env.store.get_events(update.id, -1, 100))
+    assert sorted(e.sequence for e in stored) == [0, 1, 2, 3]
+    assert env.events.commits == 2
     ok(env.backend.complete(ref, update.id, update.token, "succeeded"))
-    assert env.events.pending == 0
     stored = _sync.successResultOf(env.store.get_events(update.id, -1, 100))
     assert [e.sequence for e in stored] == [0, 1, 2, 3]
     assert [json.loads(e.data) for e in stored] == [{"sequence": i} for i in range(4)]
@@ -243,7 +245,16 @@ def test_events_validation(env: Env) -> None:
     ref = env.create()
     update = env.start(ref)
     assert update.token
-    bodies: list[Any] = [{"events": []}, {}, [], {"events": [{"sequence": "1"}]}, {"events": [1]}]
+    bodies: list[Any] = [
+        {"events": []},
+        {},
+        [],
+        {"events": [{"sequence": "1"}]},
+        {"events": [1]},
+        {"events": [{"sequence": 2**63}]},
+        {"events": [{"sequence": -1}]},
+        {"events": [{"sequence": True}]},
+    ]
     for body in bodies:
         fails(env.backend.post_events(ref, update.id, update.token, body), BadRequest)
 
@@ -539,22 +550,3 @@ def test_safe_timer_survives_a_failing_tick() -> None:
         timer.stopService()
     clock.advance(50)
     assert len(calls) == 4
-
-
-def test_flush_on_stop_flushes_once_more(env: Env) -> None:
-    ref = env.create()
-    update = env.start(ref)
-    assert update.token
-    flusher = FlushOnStop("event-flush", 1.0, env.events.flush, clock=env.clock)
-    flusher.startService()
-    ok(env.backend.post_events(ref, update.id, update.token, {"events": [{"sequence": 0}]}))
-    assert env.events.pending == 1
-    env.clock.advance(1)
-    assert env.events.pending == 0
-    ok(env.backend.post_events(ref, update.id, update.token, {"events": [{"sequence": 1}]}))
-    stopped = flusher.stopService()
-    assert stopped is not None
-    _sync.successResultOf(stopped)
-    assert env.events.pending == 0
-    stored = _sync.successResultOf(env.store.get_events(update.id, -1, 10))
-    assert [e.sequence for e in stored] == [0, 1]
