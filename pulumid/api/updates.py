@@ -1,0 +1,187 @@
+"""The update lifecycle: create, start, status, lease, checkpoints, journal, events, end."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from twisted.web.iweb import IRequest
+
+from pulumid.api.base import BASE, KIND, STATUS, UPDATE, Routes, app, query
+from pulumid.api.http import (
+    json_response,
+    no_content,
+    raw_json_response,
+    read_body,
+    read_json,
+    read_wire,
+)
+from pulumid.storage.records import StackRef
+
+
+class UpdateRoutes(Routes):
+    @app.route(f"{BASE}/{KIND}", methods=["POST"])
+    async def create_update(
+        self, request: IRequest, org: str, project: str, stack: str, kind: str
+    ) -> bytes:
+        self._user(request)
+        update_id = await self.backend.create_update(
+            StackRef(org, project, stack), kind, await self._body(request)
+        )
+        return json_response(
+            request, {"updateID": update_id, "requiredPolicies": [], "messages": []}
+        )
+
+    @app.route(UPDATE, methods=["POST"])
+    async def start_update(
+        self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
+    ) -> bytes:
+        self._user(request)
+        update = await self.backend.start_update(
+            StackRef(org, project, stack),
+            update_id,
+            await self._body(request),
+            _engine_version(request),
+        )
+        response: dict[str, Any] = {
+            "version": update.version,
+            "token": update.token,
+            "tokenExpiration": int(update.lease_expires or 0),
+        }
+        if update.journal_version:
+            response["journalVersion"] = update.journal_version
+        return json_response(request, response)
+
+    @app.route(UPDATE, methods=["GET"])
+    async def update_status(
+        self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
+    ) -> bytes:
+        self._user(request)
+        update = await self.backend.update_status(StackRef(org, project, stack), update_id)
+        running = update.status in ("running", "not-started")
+        view: dict[str, Any] = {
+            "status": STATUS[update.status],
+            "events": [],
+            "continuationToken": "0" if running else None,
+        }
+        if update.failure:
+            view["failure"] = update.failure
+        return json_response(request, view)
+
+    @app.route(f"{UPDATE}/renew_lease", methods=["POST"])
+    async def renew_lease(
+        self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
+    ) -> bytes:
+        ref, token = StackRef(org, project, stack), self._update_token(request)
+        await self.backend.leased(ref, update_id, token)
+        body = await self._body(request)
+        expires = await self.backend.renew_lease(ref, update_id, token, body.get("duration", 300))
+        return json_response(request, {"token": token, "tokenExpiration": int(expires)})
+
+    # Update-token routes check the token (and the lease) before they read the body: a
+    # wrong or stale token costs no decompression and no parsing.
+
+    @app.route(f"{UPDATE}/checkpoint", methods=["PATCH"])
+    async def checkpoint(
+        self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
+    ) -> bytes:
+        ref, token = StackRef(org, project, stack), self._update_token(request)
+        lease = await self.backend.leased(ref, update_id, token)
+        body = await read_body(request, self.cpu, self.config.max_body_size)
+        await self.backend.checkpoint(ref, update_id, token, body, lease)
+        return no_content(request)
+
+    @app.route(f"{UPDATE}/checkpointverbatim", methods=["PATCH"])
+    async def checkpoint_verbatim(
+        self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
+    ) -> bytes:
+        ref, token = StackRef(org, project, stack), self._update_token(request)
+        lease = await self.backend.leased(ref, update_id, token)
+        body = await read_body(request, self.cpu, self.config.max_body_size)
+        await self.backend.checkpoint_verbatim(ref, update_id, token, body, lease)
+        return no_content(request)
+
+    @app.route(f"{UPDATE}/checkpointdelta", methods=["PATCH"])
+    async def checkpoint_delta(
+        self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
+    ) -> bytes:
+        ref, token = StackRef(org, project, stack), self._update_token(request)
+        lease = await self.backend.leased(ref, update_id, token)
+        wire, body = await read_wire(request, self.cpu, self.config.max_body_size)
+        await self.backend.checkpoint_delta(ref, update_id, token, wire, body, lease)
+        return no_content(request)
+
+    @app.route(f"{UPDATE}/journalentries", methods=["PATCH"])
+    async def journal_entries(
+        self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
+    ) -> bytes:
+        ref, token = StackRef(org, project, stack), self._update_token(request)
+        lease = await self.backend.leased(ref, update_id, token)
+        wire, body = await read_wire(request, self.cpu, self.config.max_body_size)
+        await self.backend.journal_entries(ref, update_id, token, wire, body, lease)
+        return no_content(request)
+
+    @app.route(f"{UPDATE}/events/batch", methods=["POST"])
+    async def post_events(
+        self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
+    ) -> bytes:
+        ref, token = StackRef(org, project, stack), self._update_token(request)
+        lease = await self.backend.leased(ref, update_id, token)
+        body = await read_json(request, self.cpu, self.config.max_body_size)
+        await self.backend.post_events(ref, update_id, token, body, lease)
+        return no_content(request)
+
+    @app.route(f"{UPDATE}/events", methods=["POST"])
+    async def post_event(
+        self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
+    ) -> bytes:
+        ref, token = StackRef(org, project, stack), self._update_token(request)
+        lease = await self.backend.leased(ref, update_id, token)
+        body = await read_json(request, self.cpu, self.config.max_body_size)
+        await self.backend.post_events(ref, update_id, token, {"events": [body]}, lease)
+        return no_content(request)
+
+    @app.route(f"{UPDATE}/events", methods=["GET"])
+    async def get_events(
+        self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
+    ) -> bytes:
+        self._user(request)
+        events, token = await self.backend.get_events(
+            StackRef(org, project, stack), update_id, query(request).get("continuationToken")
+        )
+        urn = query(request).get("urn")
+        datas = [e.data for e in events]
+        if urn:
+            datas = [d for d in datas if urn.encode() in d]
+        token_json = b"null" if token is None else b'"' + token.encode() + b'"'
+        return raw_json_response(
+            request,
+            b'{"events":[' + b",".join(datas) + b'],"continuationToken":' + token_json + b"}",
+        )
+
+    @app.route(f"{UPDATE}/complete", methods=["POST"])
+    async def complete(
+        self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
+    ) -> bytes:
+        ref, token = StackRef(org, project, stack), self._update_token(request)
+        update = await self.backend.completing(ref, update_id, token)
+        body = await self._body(request)
+        await self.backend.complete(ref, update_id, token, body.get("status"), update)
+        return no_content(request)
+
+    @app.route(f"{UPDATE}/cancel", methods=["POST"])
+    async def cancel(
+        self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
+    ) -> bytes:
+        self._user(request)
+        await self.backend.cancel(StackRef(org, project, stack), update_id)
+        return no_content(request)
+
+
+_USER_AGENT = re.compile(r"^pulumi-cli/\d+ \(v?(\d+\.\d+\.\d+[^;)]*)")
+
+
+def _engine_version(request: IRequest) -> str:
+    """The CLI's version (from its User-Agent), as its engine writes it into manifests."""
+    match = _USER_AGENT.match((request.getHeader("user-agent") or "").strip())
+    return f"v{match.group(1)}" if match else ""
