@@ -16,7 +16,7 @@ from pulumid.api.http import (
     read_json,
     read_wire,
 )
-from pulumid.storage.records import StackRef
+from pulumid.storage.records import StackRef, UpdateRecord
 
 
 class UpdateRoutes(Routes):
@@ -72,8 +72,7 @@ class UpdateRoutes(Routes):
     async def renew_lease(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
-        ref, token = StackRef(org, project, stack), self._update_token(request)
-        await self.backend.leased(ref, update_id, token)
+        ref, token, _lease = await self._leased(request, org, project, stack, update_id)
         body = await self._body(request)
         expires = await self.backend.renew_lease(ref, update_id, token, body.get("duration", 300))
         return json_response(request, {"token": token, "tokenExpiration": int(expires)})
@@ -81,12 +80,17 @@ class UpdateRoutes(Routes):
     # Update-token routes check the token (and the lease) before they read the body: a
     # wrong or stale token costs no decompression and no parsing.
 
+    async def _leased(
+        self, request: IRequest, org: str, project: str, stack: str, update_id: str
+    ) -> tuple[StackRef, str, UpdateRecord]:
+        ref, token = StackRef(org, project, stack), self._update_token(request)
+        return ref, token, await self.backend.leased(ref, update_id, token)
+
     @app.route(f"{UPDATE}/checkpoint", methods=["PATCH"])
     async def checkpoint(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
-        ref, token = StackRef(org, project, stack), self._update_token(request)
-        lease = await self.backend.leased(ref, update_id, token)
+        ref, token, lease = await self._leased(request, org, project, stack, update_id)
         body = await read_body(request, self.cpu, self.config.max_body_size)
         await self.backend.checkpoint(ref, update_id, token, body, lease)
         return no_content(request)
@@ -95,8 +99,7 @@ class UpdateRoutes(Routes):
     async def checkpoint_verbatim(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
-        ref, token = StackRef(org, project, stack), self._update_token(request)
-        lease = await self.backend.leased(ref, update_id, token)
+        ref, token, lease = await self._leased(request, org, project, stack, update_id)
         body = await read_body(request, self.cpu, self.config.max_body_size)
         await self.backend.checkpoint_verbatim(ref, update_id, token, body, lease)
         return no_content(request)
@@ -105,8 +108,7 @@ class UpdateRoutes(Routes):
     async def checkpoint_delta(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
-        ref, token = StackRef(org, project, stack), self._update_token(request)
-        lease = await self.backend.leased(ref, update_id, token)
+        ref, token, lease = await self._leased(request, org, project, stack, update_id)
         wire, body = await read_wire(request, self.cpu, self.config.max_body_size)
         await self.backend.checkpoint_delta(ref, update_id, token, wire, body, lease)
         return no_content(request)
@@ -115,8 +117,7 @@ class UpdateRoutes(Routes):
     async def journal_entries(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
-        ref, token = StackRef(org, project, stack), self._update_token(request)
-        lease = await self.backend.leased(ref, update_id, token)
+        ref, token, lease = await self._leased(request, org, project, stack, update_id)
         wire, body = await read_wire(request, self.cpu, self.config.max_body_size)
         await self.backend.journal_entries(ref, update_id, token, wire, body, lease)
         return no_content(request)
@@ -125,8 +126,7 @@ class UpdateRoutes(Routes):
     async def post_events(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
-        ref, token = StackRef(org, project, stack), self._update_token(request)
-        lease = await self.backend.leased(ref, update_id, token)
+        ref, token, lease = await self._leased(request, org, project, stack, update_id)
         body = await read_json(request, self.cpu, self.config.max_body_size)
         await self.backend.post_events(ref, update_id, token, body, lease)
         return no_content(request)
@@ -135,8 +135,7 @@ class UpdateRoutes(Routes):
     async def post_event(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
-        ref, token = StackRef(org, project, stack), self._update_token(request)
-        lease = await self.backend.leased(ref, update_id, token)
+        ref, token, lease = await self._leased(request, org, project, stack, update_id)
         body = await read_json(request, self.cpu, self.config.max_body_size)
         await self.backend.post_events(ref, update_id, token, {"events": [body]}, lease)
         return no_content(request)
