@@ -64,7 +64,9 @@ class LimitedRequest(Request):
         self._reading(True)
 
     def _reading(self, on: bool) -> None:
-        transport: Any = getattr(self.channel, "transport", None)
+        # The handler may have answered (without the body) and the request be gone.
+        channel = getattr(self, "channel", None)
+        transport: Any = getattr(channel, "transport", None)
         if transport is not None:
             (transport.resumeProducing if on else transport.pauseProducing)()
 
