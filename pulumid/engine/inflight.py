@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
@@ -34,6 +35,20 @@ V = TypeVar("V")
 # What the in-memory state of updates in flight may hold, in bytes of JSON text. Parsed
 # replay state takes a few times its text; a miss costs a rebuild from the store.
 DEFAULT_BUDGET = 512 * 1024 * 1024
+
+
+# Deltas are compacted into a whole state once they add up to more than the state, or this.
+COMPACT_AFTER = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A delta-checkpointing update's last state text, the base of its next delta."""
+
+    sequence: int
+    text: bytes
+    # Bytes of the deltas stored since the last whole state (0: version N is this text).
+    delta_bytes: int
 
 
 def rfc3339(seconds: float) -> str:
@@ -98,7 +113,7 @@ class InFlight:
         self._limit = limit
         # Half the budget each: a burst of one kind cannot evict every entry of the other.
         self.journals: CostLRU[JournalReplayer] = CostLRU(budget // 2, lambda r: r.text_bytes)
-        self.baselines: CostLRU[tuple[int, bytes]] = CostLRU(budget // 2, lambda b: len(b[1]))
+        self.baselines: CostLRU[Baseline] = CostLRU(budget // 2, lambda b: len(b.text))
         self._locks: dict[str, DeferredLock] = {}
 
     @asynccontextmanager
@@ -166,7 +181,7 @@ class InFlight:
 
     # -- delta checkpoints ----------------------------------------------------------------
 
-    async def _baseline(self, update: UpdateRecord) -> tuple[int, bytes]:
+    async def _baseline(self, update: UpdateRecord) -> Baseline:
         cached = self.baselines.get(update.id)
         if cached is not None:
             return cached
@@ -178,16 +193,17 @@ class InFlight:
 
     def _rebuild_baseline_blocking(
         self, update: UpdateRecord, state: StateBlob | None, deltas: list[tuple[int, bytes]]
-    ) -> tuple[int, bytes]:
+    ) -> Baseline:
         text = deployments.gunzip_blocking(state.gzipped, 1 << 34) if state else b""
         sequence = update.checkpoint_seq if not deltas else 0
         for _seq, body in deltas:
             if body[:2] == b"\x1f\x8b":
                 body = deployments.gunzip_blocking(body, self._limit)
-            applied = deployments.apply_delta_blocking(text, sequence, body)
+            # Each was checked when it arrived: no need to parse every result again.
+            applied = deployments.apply_delta_blocking(text, sequence, body, check=False)
             if applied is not None:
                 sequence, text = applied
-        return sequence, text
+        return Baseline(sequence, text, sum(len(body) for _seq, body in deltas))
 
     async def save_full(self, update: UpdateRecord, token_hash: str, body: bytes) -> None:
         state = await self._cpu.run(deployments.checkpoint_state_blocking, body)
@@ -203,23 +219,29 @@ class InFlight:
                 update.id, token_hash, self._clock.seconds(), state, sequence
             )
             if saved:
-                self.baselines.put(update.id, (sequence, text))
+                self.baselines.put(update.id, Baseline(sequence, text, 0))
 
     async def save_delta(
         self, update: UpdateRecord, token_hash: str, wire: bytes, body: bytes
     ) -> None:
         async with self._locked(update.id):
-            sequence, baseline = await self._baseline(update)
+            baseline = await self._baseline(update)
             applied = await self._cpu.run(
-                deployments.apply_delta_blocking, baseline, sequence, body
+                deployments.apply_delta_blocking, baseline.text, baseline.sequence, body
             )
             if applied is None:
                 return  # a retry of the delta we already hold
-            saved = await self._store.save_delta(
-                update.id, token_hash, self._clock.seconds(), applied[0], wire
-            )
-            if saved:
-                self.baselines.put(update.id, applied)
+            sequence, text = applied
+            now = self._clock.seconds()
+            pending = baseline.delta_bytes + len(wire)
+            if pending > max(len(text), COMPACT_AFTER):
+                # The deltas since the last whole state now outweigh it: store it whole
+                # instead, so storage and a rebuild stay proportional to the state.
+                state = await self._cpu.run(deployments.state_from_text_blocking, text)
+                if await self._store.save_checkpoint(update.id, token_hash, now, state, sequence):
+                    self.baselines.put(update.id, Baseline(sequence, text, 0))
+            elif await self._store.save_delta(update.id, token_hash, now, sequence, wire):
+                self.baselines.put(update.id, Baseline(sequence, text, pending))
 
     # -- materialising --------------------------------------------------------------------
 
@@ -236,12 +258,14 @@ class InFlight:
             return await self._cpu.run(
                 self._generate_blocking, replayer, self._clock.seconds(), update.engine_version
             )
-        if update.checkpoint_seq == 0 and update.id not in self.baselines:
-            return None  # no verbatim or delta checkpoint: version N is current
-        if not await self._store.get_deltas(update.id):
-            return None  # the last save was a full one, stored as version N
-        _sequence, text = await self._baseline(update)
-        return await self._cpu.run(deployments.state_from_text_blocking, text)
+        baseline = self.baselines.get(update.id)
+        if baseline is None:
+            if update.checkpoint_seq == 0 or not await self._store.has_deltas(update.id):
+                return None  # no checkpoint, or the last one is stored whole as version N
+            baseline = await self._baseline(update)
+        if baseline.delta_bytes == 0:
+            return None  # the last save was stored whole, as version N
+        return await self._cpu.run(deployments.state_from_text_blocking, baseline.text)
 
     @staticmethod
     def _generate_blocking(replayer: JournalReplayer, now: float, engine_version: str) -> StateBlob:

@@ -669,6 +669,15 @@ class SQLiteStore:
 
         return self._write(txn)
 
+    def has_deltas(self, update_id: str) -> Deferred[bool]:
+        def txn(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT 1 FROM checkpoint_deltas WHERE update_id = ? LIMIT 1", (update_id,)
+            ).fetchone()
+            return row is not None
+
+        return self._read(txn)
+
     def get_deltas(self, update_id: str) -> Deferred[list[tuple[int, bytes]]]:
         def txn(conn: sqlite3.Connection) -> list[tuple[int, bytes]]:
             rows = conn.execute(

@@ -26,6 +26,7 @@ from tests.e2e.dynamic_program import (
     many_program,
     mixed_program,
 )
+from tests.load.clients import read_memory
 from tests.e2e.helpers import (
     AGENT_MARKER_PREFIXES,
     AGENT_MARKERS,
@@ -217,6 +218,9 @@ def test_inline_program_lifecycle(automation: Automation) -> None:
 
 
 MANY = 200
+# The daemon's peak RSS over this test measured 164 MiB (3.259.0) and 226 MiB (3.210.0);
+# before deltas were compacted and read lazily, 3.210.0 took it to 970 MiB.
+PEAK_RSS_LIMIT = 400 * 2**20
 PADDING = 8 * 1024  # bytes of provider state per resource: the checkpoint's secrets > 1 MiB
 
 
@@ -244,11 +248,19 @@ def test_many_dynamic_resources(automation: Automation) -> None:
     destroy = timed("destroy", timings, lambda: stack.destroy(on_output=out, parallel=16))
     assert destroy.summary.resource_changes == {"delete": MANY + 1}
 
+    # CLI 3.210.0 re-encrypts every secret at every checkpoint (hundreds of MB of batch
+    # responses): what one request holds is bounded, so the daemon's peak stays small.
+    assert automation.daemon.proc is not None
+    memory = read_memory(automation.daemon.proc.pid)
+    assert memory is not None
+    peak = memory[1]
     print(
         f"\n[{automation.version}] {MANY} dynamic resources, "
         f"~{secret_bytes // 1024} KiB of provider secrets: "
         + ", ".join(f"{label} {seconds:.1f}s" for label, seconds in timings.items())
+        + f"; daemon peak RSS {peak / 2**20:.0f} MiB"
     )
+    assert peak < PEAK_RSS_LIMIT, f"daemon peak RSS {peak / 2**20:.0f} MiB"
 
 
 CHAIN = 6

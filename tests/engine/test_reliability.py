@@ -502,3 +502,66 @@ def test_gzip_of_a_stored_state_is_still_exported(env: Env) -> None:
     blob = ok(env.backend.export(ref, None))
     assert json.loads(gzip.decompress(blob.gzipped))["deployment"]["resources"][0]["urn"] == PET
     assert deployments.MAX_DEPTH == 250
+
+
+def _delta_between(old: bytes, new: bytes, sequence: int) -> bytes:
+    import hashlib
+
+    edit = {"Span": {"start": {"offset": 0}, "end": {"offset": len(old)}}, "NewText": new.decode()}
+    body = {
+        "version": 3,
+        "checkpointHash": hashlib.sha256(new).hexdigest(),
+        "sequenceNumber": sequence,
+        "deploymentDelta": [edit],
+    }
+    return json.dumps(body).encode()
+
+
+def test_6_deltas_are_compacted_once_they_outweigh_the_state(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pulumid.engine import inflight
+
+    monkeypatch.setattr(inflight, "COMPACT_AFTER", 2000)
+    ref, update, token = _delta_update(env)
+    texts = [
+        json.dumps(
+            {"version": 3, "deployment": {"resources": [{"urn": f"u{i}", "type": "t"}]}}
+        ).encode()
+        for i in range(2)
+    ]
+    first = json.loads(verbatim(1))["untypedDeployment"]
+    current = json.dumps(first, separators=(",", ":")).encode()
+    stored_sizes = []
+    for sequence in range(2, 30):
+        new = texts[sequence % 2] + b" " * (sequence * 10)
+        body = _delta_between(current, new, sequence)
+        ok(env.backend.checkpoint_delta(ref, update.id, token, body, body))
+        current = new
+        stored_sizes.append(
+            sum(len(b) for _s, b in _sync.successResultOf(env.store.get_deltas(update.id)))
+        )
+    # Stored deltas never add up to much more than the compaction threshold.
+    assert max(stored_sizes) <= 2000 + 1000 and 0 in stored_sizes
+    assert urns(exported(env, ref)) == ["u1"]
+    env.backend.inflight = InFlight(env.store, env.backend.cpu, env.clock, 1 << 30)  # restart
+    assert urns(exported(env, ref)) == ["u1"]
+    ok(env.backend.complete(ref, update.id, token, "succeeded"))
+    assert urns(exported(env, ref)) == ["u1"]
+    assert record(env, update.id).checkpoint_seq == 29
+
+
+def test_6_reading_a_delta_update_does_not_load_its_deltas(env: Env) -> None:
+    ref, update, token = _delta_update(env)
+    ok(env.backend.checkpoint_delta(ref, update.id, token, delta(2), delta(2)))
+    loads = []
+    real = env.store.get_deltas
+
+    def counting(update_id: str) -> Any:
+        loads.append(update_id)
+        return real(update_id)
+
+    env.store.get_deltas = counting  # type: ignore[method-assign]
+    assert len(urns(exported(env, ref))) == 2
+    ok(env.backend.complete(ref, update.id, token, "succeeded"))
+    assert loads == []  # the cached baseline serves; has_deltas answers the rest
