@@ -26,7 +26,6 @@ from tests.e2e.dynamic_program import (
     many_program,
     mixed_program,
 )
-from tests.load.clients import read_memory
 from tests.e2e.helpers import (
     AGENT_MARKER_PREFIXES,
     AGENT_MARKERS,
@@ -36,6 +35,7 @@ from tests.e2e.helpers import (
     cli_binary,
     cli_environment,
 )
+from tests.load.clients import read_memory
 
 pytestmark = pytest.mark.e2e
 
