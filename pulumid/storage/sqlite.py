@@ -167,11 +167,14 @@ def _end_open_transaction(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
 
 
-def _rollback_quietly(conn: sqlite3.Connection) -> None:
-    """Leave the connection outside any transaction without hiding the error being raised."""
+def _rollback_quietly(conn: sqlite3.Connection, faults: Faults | None = None) -> None:
+    """Roll back after an error without hiding that error: if the ROLLBACK fails too, it is
+    logged, and the next use of the connection rolls back before it begins."""
     if not conn.in_transaction:
         return
     try:
+        if faults is not None:
+            faults.hit("rollback")
         conn.execute("ROLLBACK")
     except sqlite3.Error as e:
         log.error("ROLLBACK failed after an error: {error}", error=str(e))
@@ -290,14 +293,7 @@ class SQLiteStore:
             self.faults.hit("commit")
             conn.execute("COMMIT")
         except BaseException as error:
-            if conn.in_transaction:
-                try:
-                    self.faults.hit("rollback")
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error as e:
-                    # The original error is the one to report; the next transaction
-                    # retries the rollback before it begins.
-                    log.error("ROLLBACK failed after an error: {error}", error=str(e))
+            _rollback_quietly(conn, self.faults)
             if isinstance(error, sqlite3.Error):
                 raise _unavailable(error) from error
             raise
