@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -226,18 +227,8 @@ class Backend:
             # A running (or crashed) update whose state lives in journal entries or deltas.
             update = await self.store.get_update(stack.locked_by)
             if update is not None and update.status == "running":
-                try:
-                    current = await self.inflight.current_state(update)
-                except Unavailable:
-                    raise
-                except Exception as e:
-                    # Its progress cannot be built: what version N holds is the last good.
-                    self.log.error(
-                        "update {update_id}: state in flight cannot be built: {error}",
-                        update_id=update.id,
-                        error=_reason(e),
-                    )
-                    current = None
+                # Progress that cannot be built: what version N holds is the last good.
+                current, _failure = await self._built(update, self.inflight.current_state)
                 if current is not None:
                     return current
         if version is not None:
@@ -480,14 +471,22 @@ class Backend:
 
         A state that cannot be built must not keep the stack locked: the update ends failed
         and version N keeps what it had (the state at start, or the last full checkpoint).
-        Storage failures are not that: they propagate, and the end is tried again later.
+        """
+        return await self._built(update, self.inflight.finish)
+
+    async def _built(
+        self, update: UpdateRecord, build: Callable[[UpdateRecord], Awaitable[StateBlob | None]]
+    ) -> tuple[StateBlob | None, str | None]:
+        """(state, None), or (None, why) when the update's state cannot be built.
+
+        Storage failures are not that: they propagate, and the caller tries again later.
         """
         try:
-            return await self.inflight.finish(update), None
+            return await build(update), None
         except Unavailable:
             raise
         except Exception as e:
-            reason = f"the update's final state could not be built: {_reason(e)}"
+            reason = f"the update's state could not be built: {_reason(e)}"
             self.log.error("update {update_id}: {reason}", update_id=update.id, reason=reason)
             return None, reason
 
