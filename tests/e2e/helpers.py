@@ -184,6 +184,9 @@ class Daemon:
     token: str = field(default_factory=lambda: "pul-" + secrets.token_hex(20))
     master_key: str = field(default_factory=lambda: secrets.token_hex(32))
     port: int = field(default_factory=free_port)
+    # Extra environment for the daemon, applied last at each start: PULUMID_* variables are
+    # otherwise dropped (e.g. env={"PULUMID_TEST_FAULTS": "kill@commit:40"}).
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
 
@@ -219,6 +222,7 @@ class Daemon:
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
         )
+        env.update(self.env)
         return env
 
     def log_text(self, tail: int = 20000) -> str:

@@ -8,6 +8,7 @@
         properties:
           name: item0
           payloadSize: 16384          # output `payload` of exactly that many bytes
+          replaceKey: "k1"            # only with replace_key; a change replaces every item
           secret:
             fn::secret: s3cr3t-PROJECT  # only with with_secret
       item1:                          # child of item0
@@ -59,6 +60,7 @@ def _item(
     payload_size: int,
     delay_ms: int,
     fail: bool,
+    replace_key: str | None = None,
     secret: str | None = None,
     parent: str | None = None,
     depends_on: str | None = None,
@@ -71,6 +73,8 @@ def _item(
         lines.append(f"      delayMs: {delay_ms}")
     if fail:
         lines.append("      fail: true")
+    if replace_key is not None:
+        lines.append(f"      replaceKey: {_scalar(replace_key)}")
     if secret is not None:
         lines += ["      secret:", f"        fn::secret: {_scalar(secret)}"]
     if parent is not None or depends_on is not None:
@@ -93,6 +97,7 @@ def yaml_program(
     with_secret: bool = True,
     extra_resources: int = 0,
     yaml_host_dir: Path | None = None,
+    replace_key: str | None = None,
 ) -> str:
     """The text of the `Pulumi.yaml` that `write_yaml_program` writes."""
     with_secret = with_secret and count > 0  # the secret lives on item0
@@ -120,6 +125,7 @@ def yaml_program(
             payload_size=payload_size,
             delay_ms=delay_ms,
             fail=name in fail_names,
+            replace_key=replace_key,
             secret=f"s3cr3t-{project}" if with_secret and i == 0 else None,
             parent="item0" if i == 1 else None,
             depends_on=f"item{i - 1}" if i >= 2 else None,
@@ -127,7 +133,11 @@ def yaml_program(
     for i in range(extra_resources):
         name = f"extra{i}"
         resources += _item(
-            name, payload_size=payload_size, delay_ms=delay_ms, fail=name in fail_names
+            name,
+            payload_size=payload_size,
+            delay_ms=delay_ms,
+            fail=name in fail_names,
+            replace_key=replace_key,
         )
     lines += ["resources:", *resources] if resources else ["resources: {}"]
     lines += ["outputs:", f"  count: {count}"]
@@ -148,6 +158,7 @@ def write_yaml_program(
     with_secret: bool = True,
     extra_resources: int = 0,
     yaml_host_dir: Path | None = None,
+    replace_key: str | None = None,
 ) -> None:
     """Write `directory/Pulumi.yaml` (see the module docstring for its shape)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -161,6 +172,7 @@ def write_yaml_program(
         with_secret=with_secret,
         extra_resources=extra_resources,
         yaml_host_dir=yaml_host_dir,
+        replace_key=replace_key,
     )
     (directory / "Pulumi.yaml").write_text(text, encoding="utf-8")
 

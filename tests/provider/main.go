@@ -2,8 +2,15 @@
 // end-to-end tests and benchmarks. Its one resource, pulumidtest:index:Item, echoes its
 // inputs as outputs and adds a deterministic `payload` of `payloadSize` bytes, so tests can
 // build large states without any cloud. `fail` makes Create fail and `delayMs` slows
-// Create/Update down (to interrupt the CLI mid-update). Per-resource work is kept minimal:
-// the provider sets the floor of the benchmarks.
+// Create/Update down (to interrupt the CLI mid-update). A change of `replaceKey` asks for a
+// replacement. Per-resource work is kept minimal: the provider sets the floor of the
+// benchmarks.
+//
+// A "cloud" for crash tests: with PULUMIDTEST_CREATE_LOG=PATH set, each Create gets an id of
+// its own (item-NAME-RANDOM, so a re-create is visible) and appends one line "NAME ID" to
+// PATH; with PULUMIDTEST_DELETE_LOG=PATH set, each Delete appends "NAME ID" to that file.
+// Read then reports a resource gone unless its id was created and not deleted, so `pulumi
+// refresh` sees the cloud those files describe.
 package main
 
 import (
@@ -11,6 +18,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"os"
 	"sort"
 	"strings"
 	"time"
@@ -40,6 +48,7 @@ const schema = `{
         "payloadSize": {"type": "integer"},
         "fail": {"type": "boolean"},
         "delayMs": {"type": "integer"},
+        "replaceKey": {"type": "string"},
         "secret": {"type": "string", "secret": true}
       },
       "properties": {
@@ -47,6 +56,7 @@ const schema = `{
         "payloadSize": {"type": "integer"},
         "fail": {"type": "boolean"},
         "delayMs": {"type": "integer"},
+        "replaceKey": {"type": "string"},
         "secret": {"type": "string", "secret": true},
         "payload": {"type": "string"}
       }
@@ -145,7 +155,13 @@ func (*server) Diff(_ context.Context, req *pulumirpc.DiffRequest) (*pulumirpc.D
 		return &pulumirpc.DiffResponse{Changes: pulumirpc.DiffResponse_DIFF_NONE}, nil
 	}
 	sort.Strings(changed)
-	return &pulumirpc.DiffResponse{Changes: pulumirpc.DiffResponse_DIFF_SOME, Diffs: changed}, nil
+	var replaces []string
+	for _, k := range changed {
+		if k == "replaceKey" {
+			replaces = append(replaces, k)
+		}
+	}
+	return &pulumirpc.DiffResponse{Changes: pulumirpc.DiffResponse_DIFF_SOME, Diffs: changed, Replaces: replaces}, nil
 }
 
 func (*server) Create(ctx context.Context, req *pulumirpc.CreateRequest) (*pulumirpc.CreateResponse, error) {
@@ -157,16 +173,67 @@ func (*server) Create(ctx context.Context, req *pulumirpc.CreateRequest) (*pulum
 	if err != nil {
 		return nil, err
 	}
-	id := "item-" + field(props, "name").GetStringValue()
-	if id == "item-" {
+	name := field(props, "name").GetStringValue()
+	id := "item-" + name
+	createLog := os.Getenv("PULUMIDTEST_CREATE_LOG")
+	if id == "item-" || createLog != "" {
 		var b [8]byte
 		_, _ = rand.Read(b[:])
+		if name != "" {
+			id += "-"
+		}
 		id += hex.EncodeToString(b[:])
+	}
+	if err := appendLine(createLog, name, id); err != nil {
+		return nil, err
 	}
 	return &pulumirpc.CreateResponse{Id: id, Properties: out}, nil
 }
 
+// appendLine appends "NAME ID\n" to the file at path (nothing when path is empty) with one
+// O_APPEND write, so lines of concurrent calls never interleave.
+func appendLine(path, name, id string) error {
+	if path == "" {
+		return nil
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write([]byte(name + " " + id + "\n"))
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// logged reports whether the file at path has a line ending in " ID".
+func logged(path, id string) (bool, error) {
+	data, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	} else if err != nil {
+		return false, err
+	}
+	return strings.Contains("\n"+string(data), " "+id+"\n"), nil
+}
+
 func (*server) Read(_ context.Context, req *pulumirpc.ReadRequest) (*pulumirpc.ReadResponse, error) {
+	if createLog := os.Getenv("PULUMIDTEST_CREATE_LOG"); createLog != "" {
+		created, err := logged(createLog, req.GetId())
+		if err != nil {
+			return nil, err
+		}
+		deleted := false
+		if deleteLog := os.Getenv("PULUMIDTEST_DELETE_LOG"); created && deleteLog != "" {
+			if deleted, err = logged(deleteLog, req.GetId()); err != nil {
+				return nil, err
+			}
+		}
+		if !created || deleted {
+			return &pulumirpc.ReadResponse{}, nil // gone from the cloud
+		}
+	}
 	return &pulumirpc.ReadResponse{Id: req.GetId(), Properties: req.GetProperties(), Inputs: req.GetInputs()}, nil
 }
 
@@ -178,7 +245,11 @@ func (*server) Update(ctx context.Context, req *pulumirpc.UpdateRequest) (*pulum
 	return &pulumirpc.UpdateResponse{Properties: out}, nil
 }
 
-func (*server) Delete(context.Context, *pulumirpc.DeleteRequest) (*emptypb.Empty, error) {
+func (*server) Delete(_ context.Context, req *pulumirpc.DeleteRequest) (*emptypb.Empty, error) {
+	name := field(req.GetProperties(), "name").GetStringValue()
+	if err := appendLine(os.Getenv("PULUMIDTEST_DELETE_LOG"), name, req.GetId()); err != nil {
+		return nil, err
+	}
 	return &emptypb.Empty{}, nil
 }
 
