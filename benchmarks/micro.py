@@ -437,6 +437,7 @@ def _size(nbytes: int) -> str:
 @dataclass
 class Settings:
     source: Path
+    pulumid_args: Sequence[str]
     events: int
     event_batch: int
     sizes: Sequence[int]
@@ -456,7 +457,7 @@ def bench_events(s: Settings) -> Table:
         "events/batch throughput",
         ["batch size", "events", "requests", "seconds", "events/s", "p50 request ms", "max ms"],
     )
-    with daemon(s.source, "events") as server:
+    with daemon(s.source, "events", s.pulumid_args) as server:
         client = client_for(server)
         for batch in sorted({1, s.event_batch}):
             stack = f"events{batch}"
@@ -502,7 +503,7 @@ def bench_checkpoint(s: Settings) -> Table:
             "export plain p50 ms",
         ],
     )
-    with daemon(s.source, "checkpoint") as server:
+    with daemon(s.source, "checkpoint", s.pulumid_args) as server:
         client = client_for(server)
         for count in s.sizes:
             stack = f"size{count}"
@@ -598,7 +599,7 @@ def bench_concurrent(s: Settings) -> Table:
         ],
     )
     count = 10
-    with daemon(s.source, "concurrent") as server:
+    with daemon(s.source, "concurrent", s.pulumid_args) as server:
         for parallel in sorted({1, s.concurrent}):
             setup = client_for(server)
             jobs: list[tuple[str, bytes, bytes]] = []
@@ -652,7 +653,7 @@ def bench_concurrent(s: Settings) -> Table:
 
 def bench_memory(s: Settings) -> Table:
     table = Table("resident memory against number of stacks", ["stacks", "VmRSS MB", "VmHWM MB"])
-    with daemon(s.source, "memory") as server:
+    with daemon(s.source, "memory", s.pulumid_args) as server:
         rss, hwm = rss_kib(server.pid)
         table.rows.append(["0", f"{rss / 1024:.1f}", f"{hwm / 1024:.1f}"])
         made = 0
@@ -782,7 +783,7 @@ def bench_journal(s: Settings) -> Table:
         "journal entries throughput (PATCH .../journalentries)",
         ["resources", "entries/request", "entries", "seconds", "entries/s", "p50 request ms"],
     )
-    with daemon(s.source, "journal") as server:
+    with daemon(s.source, "journal", s.pulumid_args) as server:
         client = client_for(server)
         for batch in (1, 50):
             count = max(s.sizes)
@@ -834,7 +835,7 @@ def bench_delta(s: Settings) -> Table:
         "delta checkpoint latency (PATCH .../checkpointdelta)",
         ["resources", "state", "delta", "delta p50 ms", "delta max ms", "full p50 ms"],
     )
-    with daemon(s.source, "delta") as server:
+    with daemon(s.source, "delta", s.pulumid_args) as server:
         client = client_for(server)
         for count in s.sizes:
             stack = f"delta{count}"
@@ -936,6 +937,12 @@ def parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="the source tree whose pulumid package runs (default: this checkout)",
     )
+    p.add_argument(
+        "--pulumid-args",
+        default="",
+        metavar="ARGS",
+        help="extra daemon flags, space-separated (e.g. --no-sync-commits)",
+    )
     p.add_argument("--out", type=Path, help="also write the tables to this Markdown file")
     return p
 
@@ -944,6 +951,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     settings = Settings(
         source=args.pulumid_source.resolve(),
+        pulumid_args=args.pulumid_args.split(),
         events=args.events,
         event_batch=args.event_batch,
         sizes=args.sizes,
