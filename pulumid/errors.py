@@ -39,6 +39,10 @@ class Conflict(PulumidError):
     status = 409
 
 
+class Stale(Conflict):
+    """A conditional write found that another writer (another node) got there first."""
+
+
 class TooLarge(PulumidError):
     status = 413
 

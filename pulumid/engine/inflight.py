@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from pulumid.engine import deployments
 from pulumid.engine.journal import JournalError, JournalReplayer
-from pulumid.errors import BadRequest
+from pulumid.errors import BadRequest, Stale
 from pulumid.storage.interface import Store
 from pulumid.storage.records import StateBlob, UpdateRecord
 from pulumid.threads import Runner
@@ -134,14 +134,23 @@ class InFlight:
 
     # -- journaling -----------------------------------------------------------------------
 
-    async def _replayer(self, update: UpdateRecord) -> JournalReplayer:
+    async def _replayer(self, update: UpdateRecord, *, fresh: bool = False) -> JournalReplayer:
+        """The update's replayer: the cached one, or (on a miss, or with `fresh` when the
+        cache may lag another node's appends) one rebuilt from the store."""
         replayer = self.journals.get(update.id)
-        if replayer is not None:
+        if replayer is not None and not fresh:
             return replayer
         base = await self._store.get_state(update.stack_id, update.version)
         stored = await self._store.get_journal(update.id)
         replayer = await self._cpu.run(self._rebuild_blocking, base, stored)
         self.journals.put(update.id, replayer)
+        return replayer
+
+    async def _checked_replayer(self, update: UpdateRecord) -> JournalReplayer:
+        """For reads: a cached replayer counts only if it holds every stored batch."""
+        replayer = await self._replayer(update)
+        if await self._lags(replayer, update):
+            replayer = await self._replayer(update, fresh=True)
         return replayer
 
     def _rebuild_blocking(self, base: StateBlob | None, stored: list[bytes]) -> JournalReplayer:
@@ -154,6 +163,7 @@ class InFlight:
         replayer = JournalReplayer(document.get("deployment") or {})
         replayer.add(deployments.stored_journal_blocking(stored, self._limit))
         replayer.text_bytes = text_bytes + sum(len(body) for body in stored)
+        replayer.batches = len(stored)
         return replayer
 
     @staticmethod
@@ -163,27 +173,47 @@ class InFlight:
     async def add_journal(
         self, update: UpdateRecord, token_hash: str, wire: bytes, body: bytes
     ) -> None:
-        """Validate and apply a batch in memory, then persist it before acknowledging."""
+        """Validate and apply a batch in memory, then persist it before acknowledging.
+
+        The append is conditional on the journal having as many batches as the replayer
+        applied: if another node appended meanwhile, the replayer is rebuilt and the batch
+        applied again (once), so no node ever extends a journal it has not seen.
+        """
         entries = await self._cpu.run(deployments.journal_entries_blocking, body)
         async with self._locked(update.id):
-            replayer = await self._replayer(update)
-            try:
-                await self._cpu.run(self._apply_blocking, replayer, entries)
-            except JournalError as e:
-                raise BadRequest(f"Bad Request: invalid journal entry: {e}") from None
-            try:
-                await self._store.append_journal(update.id, token_hash, self._clock.seconds(), wire)
-            except BaseException:
-                self.journals.pop(update.id)  # rebuilt from what was persisted
-                raise
-            replayer.text_bytes += len(body)
-            self.journals.recost(update.id)
+            for last_try in (False, True):
+                replayer = await self._replayer(update, fresh=last_try)
+                try:
+                    await self._cpu.run(self._apply_blocking, replayer, entries)
+                except JournalError as e:
+                    if not last_try and await self._lags(replayer, update):
+                        continue  # judged against a stale replayer: rebuild and retry
+                    raise BadRequest(f"Bad Request: invalid journal entry: {e}") from None
+                try:
+                    replayer.batches = await self._store.append_journal(
+                        update.id, token_hash, self._clock.seconds(), wire, replayer.batches
+                    )
+                except Stale:
+                    self.journals.pop(update.id)
+                    if last_try:
+                        raise
+                    continue
+                except BaseException:
+                    self.journals.pop(update.id)  # rebuilt from what was persisted
+                    raise
+                replayer.text_bytes += len(body)
+                self.journals.recost(update.id)
+                return
+
+    async def _lags(self, replayer: JournalReplayer, update: UpdateRecord) -> bool:
+        return replayer.batches != await self._store.journal_length(update.id)
 
     # -- delta checkpoints ----------------------------------------------------------------
 
     async def _baseline(self, update: UpdateRecord) -> Baseline:
         cached = self.baselines.get(update.id)
-        if cached is not None:
+        # Behind the stored sequence means another node saved since: rebuild.
+        if cached is not None and cached.sequence >= update.checkpoint_seq:
             return cached
         state = await self._store.get_state(update.stack_id, update.version)
         deltas = await self._store.get_deltas(update.id)
@@ -254,12 +284,12 @@ class InFlight:
         if update.dry_run:
             return None
         if update.journal_version:
-            replayer = await self._replayer(update)
+            replayer = await self._checked_replayer(update)
             return await self._cpu.run(
                 self._generate_blocking, replayer, self._clock.seconds(), update.engine_version
             )
         baseline = self.baselines.get(update.id)
-        if baseline is None:
+        if baseline is None or baseline.sequence < update.checkpoint_seq:
             if update.checkpoint_seq == 0 or not await self._store.has_deltas(update.id):
                 return None  # no checkpoint, or the last one is stored whole as version N
             baseline = await self._baseline(update)

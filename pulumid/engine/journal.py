@@ -704,6 +704,8 @@ class JournalReplayer:
         self._applied_through = 0
         # Bytes of JSON text this replayer was built from: a cache's estimate of its size.
         self.text_bytes = 0
+        # Stored journal batches it has applied (its owner keeps this in step with the store).
+        self.batches = 0
         # Entries that arrived ahead of a gap in the sequence, by sequenceID.
         self._pending: dict[int, _Entry] = {}
 

@@ -20,7 +20,15 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from pulumid.auth.tokens import same
-from pulumid.errors import BadRequest, Conflict, Forbidden, NotFound, PulumidError, Unavailable
+from pulumid.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    PulumidError,
+    Stale,
+    Unavailable,
+)
 from pulumid.storage.faults import Faults
 from pulumid.storage.records import (
     RetentionRules,
@@ -685,19 +693,30 @@ class SQLiteStore:
         return self._read(txn)
 
     def append_journal(
-        self, update_id: str, token_hash: str, now: float, body: bytes
-    ) -> Deferred[None]:
-        def txn(conn: sqlite3.Connection) -> None:
+        self,
+        update_id: str,
+        token_hash: str,
+        now: float,
+        body: bytes,
+        after: int | None = None,
+    ) -> Deferred[int]:
+        def txn(conn: sqlite3.Connection) -> int:
             update = _check_writable(conn, update_id, token_hash, now)
             if not update.journal_version:
                 raise BadRequest("Bad Request: journaling was not enabled for this update")
+            length = _journal_length(conn, update_id)
+            if after is not None and after != length:
+                raise Stale("Conflict: the update's journal moved on; retry the request")
             conn.execute(
-                "INSERT INTO journal_batches (update_id, batch, body) VALUES (?, "
-                "(SELECT COALESCE(MAX(batch), 0) + 1 FROM journal_batches WHERE update_id = ?), ?)",
-                (update_id, update_id, body),
+                "INSERT INTO journal_batches (update_id, batch, body) VALUES (?, ?, ?)",
+                (update_id, length + 1, body),
             )
+            return length + 1
 
         return self._write(txn)
+
+    def journal_length(self, update_id: str) -> Deferred[int]:
+        return self._read(_journal_length, update_id)
 
     def get_journal(self, update_id: str) -> Deferred[list[bytes]]:
         def txn(conn: sqlite3.Connection) -> list[bytes]:
@@ -962,6 +981,13 @@ def _write_tags(conn: sqlite3.Connection, stack_id: int, tags: dict[str, str]) -
         "INSERT INTO stack_tags (stack_id, name, value) VALUES (?, ?, ?)",
         [(stack_id, name, value) for name, value in tags.items()],
     )
+
+
+def _journal_length(conn: sqlite3.Connection, update_id: str) -> int:
+    row = conn.execute(
+        "SELECT COALESCE(MAX(batch), 0) FROM journal_batches WHERE update_id = ?", (update_id,)
+    ).fetchone()
+    return int(row[0])
 
 
 def _find_update(conn: sqlite3.Connection, update_id: str) -> UpdateRecord | None:

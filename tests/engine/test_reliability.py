@@ -565,3 +565,65 @@ def test_6_reading_a_delta_update_does_not_load_its_deltas(env: Env) -> None:
     assert len(urns(exported(env, ref))) == 2
     ok(env.backend.complete(ref, update.id, token, "succeeded"))
     assert loads == []  # the cached baseline serves; has_deltas answers the rest
+
+
+# -- toward stateless nodes (issue 14): caches are checked against the store ---------------
+
+
+def _second_node(env: Env) -> Any:
+    """Another daemon's engine on the same store: its own in-memory caches."""
+    from pulumid.engine.backend import Backend
+
+    b = env.backend
+    inflight = InFlight(env.store, b.cpu, env.clock, 1 << 30)
+    return Backend(b.config, env.store, env.clock, b.cpu, b.secrets, b.events, inflight)
+
+
+def test_journal_batches_alternating_between_two_nodes_all_land(env: Env) -> None:
+    other = _second_node(env)
+    ref, update, token = _journaling(env)
+    nodes = [env.backend, other]
+    for n in range(6):
+        body = entries_body(*created(1 + 2 * n, n + 1, item(f"n{n}")))
+        ok(nodes[n % 2].journal_entries(ref, update.id, token, body, body))
+    # Each node's read sees the other's batches, whatever its cache held.
+    expected = sorted(item(f"n{n}") for n in range(6))
+    for node in nodes:
+        blob = ok(node.export(ref, None))
+        assert sorted(urns(json.loads(gzip.decompress(blob.gzipped)))) == expected
+    # A batch that refers to an operation only the other node has seen is valid.
+    begin = {"version": 1, "kind": 0, "sequenceID": 13, "operationID": 99}
+    ok(env.backend.journal_entries(ref, update.id, token, entries_body(begin), entries_body(begin)))
+    end = {"version": 1, "kind": 2, "sequenceID": 14, "operationID": 99}
+    ok(other.journal_entries(ref, update.id, token, entries_body(end), entries_body(end)))
+    assert _sync.successResultOf(env.store.journal_length(update.id)) == 8
+    ok(env.backend.complete(ref, update.id, token, "succeeded"))
+    assert sorted(urns(exported(env, ref))) == expected
+
+
+def test_a_node_whose_append_lost_the_race_rebuilds_and_retries(env: Env) -> None:
+    other = _second_node(env)
+    ref, update, token = _journaling(env)
+    first = entries_body(*created(1, 1, item("a")))
+    ok(env.backend.journal_entries(ref, update.id, token, first, first))
+    ok(other.journal_entries(ref, update.id, token, first, first))  # a retry, via node B
+    second = entries_body(*created(3, 2, item("b")))
+    ok(other.journal_entries(ref, update.id, token, second, second))
+    # Node A's replayer holds one batch, the store three: its append is refused (Stale),
+    # it rebuilds and applies again, and nothing is applied twice.
+    third = entries_body(*created(5, 3, item("c")))
+    ok(env.backend.journal_entries(ref, update.id, token, third, third))
+    assert env.backend.inflight.journals.get(update.id).batches == 4  # type: ignore[union-attr]
+    ok(other.complete(ref, update.id, token, "succeeded"))
+    assert urns(exported(env, ref)) == [item("a"), item("b"), item("c")]
+
+
+def test_delta_baselines_follow_saves_made_by_another_node(env: Env) -> None:
+    other = _second_node(env)
+    ref, update, token = _delta_update(env)  # node A holds the verbatim baseline
+    ok(other.checkpoint_delta(ref, update.id, token, delta(2), delta(2)))  # B applies it
+    # Node A's cached baseline (sequence 1) is behind the store's (2): it rebuilds.
+    blob = ok(env.backend.export(ref, None))
+    assert len(urns(json.loads(gzip.decompress(blob.gzipped)))) == 2
+    ok(env.backend.complete(ref, update.id, token, "succeeded"))
+    assert len(urns(exported(env, ref))) == 2
