@@ -38,27 +38,29 @@ from pulumid.storage.records import (
     StoredEvent,
     UpdateRecord,
 )
+from pulumid.storage.rows import (
+    ANOTHER_UPDATE,
+    STACK_COLUMNS,
+    STACK_HAS_RESOURCES,
+    STORAGE_FAILED,
+    UPDATE_COLUMN_COUNT,
+    UPDATE_COLUMNS,
+    check_checkpointing,
+    check_lease,
+    check_writable,
+    not_running_message,
+    stack_from_row,
+    update_from_row,
+    update_values,
+)
 from pulumid.storage.schema import MIGRATIONS, SCHEMA_VERSION
 from pulumid.threads import Runner
 
 T = TypeVar("T")
 log = Logger()
 
-STACK_HAS_RESOURCES = "Bad Request: Stack still contains resources."
-ANOTHER_UPDATE = "Conflict: Another update is currently in progress."
-STORAGE_FAILED = "Service Unavailable: the database could not complete the request; try again"
 # After a commit leaves the WAL bigger than this, it is checkpointed and truncated.
 WAL_TRUNCATE_BYTES = 64 * 1024 * 1024
-
-_STACK_COLUMNS = (
-    "id, org, project, name, version, locked_by, last_update, resource_count, "
-    "last_update_time, created"
-)
-_UPDATE_COLUMNS = (
-    "id, stack_id, kind, dry_run, status, version, program, config, metadata, created, "
-    "token_hash, lease_expires, start_time, end_time, resource_changes, journal_version, "
-    "requested_by, engine_version, checkpoint_seq, failure"
-)
 
 
 class SchemaTooNew(Exception):
@@ -193,47 +195,6 @@ def _statements(script: str) -> Iterable[str]:
     for statement in "\n".join(lines).split(";"):
         if statement.strip():
             yield statement
-
-
-def _stack(row: tuple[Any, ...], tags: dict[str, str]) -> StackRecord:
-    return StackRecord(
-        id=row[0],
-        org=row[1],
-        project=row[2],
-        name=row[3],
-        tags=tags,
-        version=row[4],
-        locked_by=row[5],
-        last_update=row[6],
-        resource_count=row[7],
-        last_update_time=row[8],
-        created=row[9],
-    )
-
-
-def _update(row: tuple[Any, ...]) -> UpdateRecord:
-    return UpdateRecord(
-        id=row[0],
-        stack_id=row[1],
-        kind=row[2],
-        dry_run=bool(row[3]),
-        status=row[4],
-        version=row[5],
-        program=json.loads(row[6]),
-        config=json.loads(row[7]),
-        metadata=json.loads(row[8]),
-        created=row[9],
-        token_hash=row[10],
-        lease_expires=row[11],
-        start_time=row[12],
-        end_time=row[13],
-        resource_changes=json.loads(row[14]) if row[14] else None,
-        journal_version=row[15],
-        requested_by=row[16],
-        engine_version=row[17],
-        checkpoint_seq=row[18],
-        failure=row[19],
-    )
 
 
 class SQLiteStore:
@@ -398,7 +359,7 @@ class SQLiteStore:
         limit: int,
     ) -> Deferred[list[StackRecord]]:
         def txn(conn: sqlite3.Connection) -> list[StackRecord]:
-            sql = [f"SELECT {_STACK_COLUMNS} FROM stacks s WHERE id > ?"]
+            sql = [f"SELECT {STACK_COLUMNS} FROM stacks s WHERE id > ?"]
             args: list[Any] = [after_id]
             sql.append(f"AND org IN ({','.join('?' * len(orgs))})")
             args.extend(orgs)
@@ -417,7 +378,7 @@ class SQLiteStore:
             args.append(limit)
             rows = conn.execute(" ".join(sql), args).fetchall()
             tags = _read_tags(conn, [row[0] for row in rows])
-            return [_stack(row, tags.get(row[0], {})) for row in rows]
+            return [stack_from_row(row, tags.get(row[0], {})) for row in rows]
 
         return self._read(txn)
 
@@ -618,7 +579,7 @@ class SQLiteStore:
                 ).fetchone()
                 if row is None:
                     raise NotFound(f"Not Found: update '{update_id}' not found")
-            return _check_lease(conn, update_id, token_hash, now)
+            return check_lease(_find_update(conn, update_id), token_hash, now)
 
         return self._read(txn)
 
@@ -626,7 +587,7 @@ class SQLiteStore:
         self, update_id: str, token_hash: str, now: float, lease_expires: float
     ) -> Deferred[None]:
         def txn(conn: sqlite3.Connection) -> None:
-            _check_lease(conn, update_id, token_hash, now)
+            check_lease(_find_update(conn, update_id), token_hash, now)
             conn.execute(
                 "UPDATE updates SET lease_expires = ? WHERE id = ?", (lease_expires, update_id)
             )
@@ -637,7 +598,7 @@ class SQLiteStore:
         self, update_id: str, token_hash: str, now: float, state: StateBlob, sequence: int = 0
     ) -> Deferred[bool]:
         def txn(conn: sqlite3.Connection) -> bool:
-            update = _check_checkpointing(conn, update_id, token_hash, now)
+            update = check_checkpointing(_find_update(conn, update_id), token_hash, now)
             if sequence and sequence <= update.checkpoint_seq:
                 return False  # a late retry must not roll the state back
             _put_state(conn, update.stack_id, update.version, state)
@@ -659,7 +620,7 @@ class SQLiteStore:
         self, update_id: str, token_hash: str, now: float, sequence: int, body: bytes
     ) -> Deferred[bool]:
         def txn(conn: sqlite3.Connection) -> bool:
-            update = _check_checkpointing(conn, update_id, token_hash, now)
+            update = check_checkpointing(_find_update(conn, update_id), token_hash, now)
             if sequence <= update.checkpoint_seq:
                 return False
             conn.execute(
@@ -701,7 +662,7 @@ class SQLiteStore:
         after: int | None = None,
     ) -> Deferred[int]:
         def txn(conn: sqlite3.Connection) -> int:
-            update = _check_writable(conn, update_id, token_hash, now)
+            update = check_writable(_find_update(conn, update_id), token_hash, now)
             if not update.journal_version:
                 raise BadRequest("Bad Request: journaling was not enabled for this update")
             length = _journal_length(conn, update_id)
@@ -748,7 +709,7 @@ class SQLiteStore:
             if update.status == final:
                 return  # a retried complete that already took effect
             if update.status != "running":
-                raise Conflict(_not_running_message(update.status))
+                raise Conflict(not_running_message(update.status))
             _finish(conn, update, final, now, state, keep_versions, failure)
 
         return self._write(txn)
@@ -766,7 +727,7 @@ class SQLiteStore:
             if update is None:
                 raise NotFound("Not Found: update not found")
             if update.status != "running":
-                raise Conflict(_not_running_message(update.status))
+                raise Conflict(not_running_message(update.status))
             _finish(conn, update, "cancelled", now, state, keep_versions, failure)
 
         return self._write(txn)
@@ -774,11 +735,11 @@ class SQLiteStore:
     def list_expired(self, now: float) -> Deferred[list[UpdateRecord]]:
         def txn(conn: sqlite3.Connection) -> list[UpdateRecord]:
             rows = conn.execute(
-                f"SELECT {_UPDATE_COLUMNS} FROM updates "
+                f"SELECT {UPDATE_COLUMNS} FROM updates "
                 "WHERE status = 'running' AND lease_expires <= ?",
                 (now,),
             ).fetchall()
-            return [_update(row) for row in rows]
+            return [update_from_row(row) for row in rows]
 
         return self._read(txn)
 
@@ -826,7 +787,7 @@ class SQLiteStore:
 
         def txn(conn: sqlite3.Connection) -> list[UpdateRecord]:
             sql = (
-                f"SELECT {_UPDATE_COLUMNS} FROM updates WHERE stack_id = ? "
+                f"SELECT {UPDATE_COLUMNS} FROM updates WHERE stack_id = ? "
                 "AND status != 'not-started'"
                 + ("" if previews else " AND dry_run = 0")
                 + " ORDER BY version DESC, created DESC"
@@ -835,18 +796,18 @@ class SQLiteStore:
             if page > 0:
                 sql += " LIMIT ? OFFSET ?"
                 args = (stack_id, page_size, (page - 1) * page_size)
-            return [_update(row) for row in conn.execute(sql, args).fetchall()]
+            return [update_from_row(row) for row in conn.execute(sql, args).fetchall()]
 
         return self._read(txn)
 
     def get_update_by_version(self, stack_id: int, version: int) -> Deferred[UpdateRecord | None]:
         def txn(conn: sqlite3.Connection) -> UpdateRecord | None:
             row = conn.execute(
-                f"SELECT {_UPDATE_COLUMNS} FROM updates WHERE stack_id = ? AND version = ? "
+                f"SELECT {UPDATE_COLUMNS} FROM updates WHERE stack_id = ? AND version = ? "
                 "AND dry_run = 0 AND status != 'not-started' ORDER BY created DESC LIMIT 1",
                 (stack_id, version),
             ).fetchone()
-            return _update(row) if row else None
+            return update_from_row(row) if row else None
 
         return self._read(txn)
 
@@ -855,10 +816,10 @@ class SQLiteStore:
 
         def txn(conn: sqlite3.Connection) -> UpdateRecord | None:
             row = conn.execute(
-                f"SELECT {_UPDATE_COLUMNS} FROM updates WHERE token_hash = ?",
+                f"SELECT {UPDATE_COLUMNS} FROM updates WHERE token_hash = ?",
                 (token_hash,),
             ).fetchone()
-            return _update(row) if row else None
+            return update_from_row(row) if row else None
 
         return self._read(txn)
 
@@ -938,15 +899,15 @@ def _unavailable(error: sqlite3.Error) -> PulumidError:
 
 
 def _get_stack_by_id(conn: sqlite3.Connection, stack_id: int) -> StackRecord:
-    row = conn.execute(f"SELECT {_STACK_COLUMNS} FROM stacks WHERE id = ?", (stack_id,)).fetchone()
+    row = conn.execute(f"SELECT {STACK_COLUMNS} FROM stacks WHERE id = ?", (stack_id,)).fetchone()
     if row is None:
         raise NotFound("Not Found: stack not found")
-    return _stack(row, _read_tags(conn, [stack_id]).get(stack_id, {}))
+    return stack_from_row(row, _read_tags(conn, [stack_id]).get(stack_id, {}))
 
 
 def _get_stack_by_ref(conn: sqlite3.Connection, ref: StackRef, aliases: bool) -> StackRecord | None:
     row = conn.execute(
-        f"SELECT {_STACK_COLUMNS} FROM stacks WHERE org = ? AND project = ? AND name = ?",
+        f"SELECT {STACK_COLUMNS} FROM stacks WHERE org = ? AND project = ? AND name = ?",
         (ref.org, ref.project, ref.name),
     ).fetchone()
     if row is None and aliases:
@@ -958,7 +919,7 @@ def _get_stack_by_ref(conn: sqlite3.Connection, ref: StackRef, aliases: bool) ->
             return _get_stack_by_id(conn, alias[0])
     if row is None:
         return None
-    return _stack(row, _read_tags(conn, [row[0]]).get(row[0], {}))
+    return stack_from_row(row, _read_tags(conn, [row[0]]).get(row[0], {}))
 
 
 def _read_tags(conn: sqlite3.Connection, stack_ids: list[int]) -> dict[int, dict[str, str]]:
@@ -992,84 +953,18 @@ def _journal_length(conn: sqlite3.Connection, update_id: str) -> int:
 
 def _find_update(conn: sqlite3.Connection, update_id: str) -> UpdateRecord | None:
     row = conn.execute(
-        f"SELECT {_UPDATE_COLUMNS} FROM updates WHERE id = ?", (update_id,)
+        f"SELECT {UPDATE_COLUMNS} FROM updates WHERE id = ?", (update_id,)
     ).fetchone()
-    return _update(row) if row else None
+    return update_from_row(row) if row else None
 
 
 def _insert_update(
     conn: sqlite3.Connection, update: UpdateRecord, *, status: str, version: int
 ) -> None:
     conn.execute(
-        f"INSERT INTO updates ({_UPDATE_COLUMNS}) VALUES "
-        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            update.id,
-            update.stack_id,
-            update.kind,
-            int(update.dry_run),
-            status,
-            version,
-            json.dumps(update.program),
-            json.dumps(update.config),
-            json.dumps(update.metadata),
-            update.created,
-            update.token_hash,
-            update.lease_expires,
-            update.start_time,
-            update.end_time,
-            json.dumps(update.resource_changes) if update.resource_changes is not None else None,
-            update.journal_version,
-            update.requested_by,
-            update.engine_version,
-            update.checkpoint_seq,
-            update.failure,
-        ),
+        f"INSERT INTO updates ({UPDATE_COLUMNS}) VALUES ({', '.join('?' * UPDATE_COLUMN_COUNT)})",
+        update_values(update, status=status, version=version),
     )
-
-
-def _check_lease(
-    conn: sqlite3.Connection, update_id: str, token_hash: str, now: float
-) -> UpdateRecord:
-    update = _find_update(conn, update_id)
-    if update is None or not update.token_hash or not same(update.token_hash, token_hash):
-        raise Forbidden("Forbidden: the update token is not valid for this update")
-    if update.status != "running":
-        raise Conflict(_not_running_message(update.status))
-    if (update.lease_expires or 0) <= now:
-        raise Forbidden("Forbidden: the update's lease has expired")
-    return update
-
-
-def _check_writable(
-    conn: sqlite3.Connection, update_id: str, token_hash: str, now: float
-) -> UpdateRecord:
-    update = _check_lease(conn, update_id, token_hash, now)
-    if update.dry_run:
-        raise Forbidden(
-            "Forbidden: Updating the checkpoint is not permitted for preview operations."
-        )
-    return update
-
-
-def _check_checkpointing(
-    conn: sqlite3.Connection, update_id: str, token_hash: str, now: float
-) -> UpdateRecord:
-    update = _check_writable(conn, update_id, token_hash, now)
-    if update.journal_version:
-        # Its journal is replayed onto version N as it was at start: a checkpoint would
-        # replace that base under the replayer.
-        raise Conflict("Conflict: this update sends journal entries, not checkpoints")
-    return update
-
-
-def _not_running_message(status: str) -> str:
-    return {
-        "not-started": "Conflict: The Update has not started",
-        "cancelled": "Conflict: The Update has been cancelled",
-        "failed": "Conflict: The Update has already completed",
-        "succeeded": "Conflict: The Update has already completed",
-    }.get(status, "Conflict: The Update is not in progress.")
 
 
 def _take_over(conn: sqlite3.Connection, stack: StackRecord, now: float) -> None:

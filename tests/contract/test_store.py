@@ -8,21 +8,26 @@ The stores here run their work inline, so every Deferred has fired when the call
 from __future__ import annotations
 
 import gzip
+import hashlib
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from pulumid.errors import BadRequest, Conflict, Forbidden, NotFound, PulumidError
 from pulumid.storage.interface import Store
+from pulumid.storage.postgres import PostgresStore
 from pulumid.storage.records import StackRecord, StackRef, StateBlob, StoredEvent, UpdateRecord
 from pulumid.storage.sqlite import SQLiteStore
 from pulumid.threads import InlineRunner
+from tests.postgres import PostgresServer
 
 T = TypeVar("T")
 E = TypeVar("E", bound=BaseException)
@@ -37,8 +42,29 @@ def _open_sqlite(directory: Path) -> Store:
     return SQLiteStore.open(directory / "db.sqlite", InlineRunner())
 
 
+class _Postgres:
+    """The session server, set by the `opener` fixture before a PostgreSQL test opens a store."""
+
+    server: PostgresServer | None = None
+
+
+def _open_postgres(directory: Path) -> Store:
+    """A store on the database of `directory`: named from its path, created if absent."""
+    server = _Postgres.server
+    assert server is not None, "the opener fixture starts the PostgreSQL server"
+    database = "contract_" + hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:32]
+    with psycopg.connect(server.dsn, autocommit=True) as admin:
+        exists = admin.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (database,)
+        ).fetchone()
+        if exists is None:
+            admin.execute(f'CREATE DATABASE "{database}"')
+    return PostgresStore.open(make_conninfo(server.dsn, dbname=database), InlineRunner())
+
+
 # name -> opener(directory). One line per implementation.
 IMPLEMENTATIONS: dict[str, Callable[[Path], Store]] = {
+    "postgres": _open_postgres,
     "sqlite": _open_sqlite,
 }
 
@@ -57,6 +83,8 @@ def fails(d: Deferred[Any], kind: type[E]) -> E:
 
 @pytest.fixture(params=sorted(IMPLEMENTATIONS))
 def opener(request: pytest.FixtureRequest) -> Callable[[Path], Store]:
+    if request.param == "postgres":
+        _Postgres.server = request.getfixturevalue("postgres_server")
     return IMPLEMENTATIONS[request.param]
 
 

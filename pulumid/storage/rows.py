@@ -1,0 +1,133 @@
+"""What every Store implementation shares: columns, rows to records, the lease rules.
+
+The SQL dialects differ (placeholders, upserts, locks); the rules and messages must not.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pulumid.auth.tokens import same
+from pulumid.errors import Conflict, Forbidden
+from pulumid.storage.records import StackRecord, UpdateRecord
+
+STACK_HAS_RESOURCES = "Bad Request: Stack still contains resources."
+ANOTHER_UPDATE = "Conflict: Another update is currently in progress."
+STORAGE_FAILED = "Service Unavailable: the database could not complete the request; try again"
+
+STACK_COLUMNS = (
+    "id, org, project, name, version, locked_by, last_update, resource_count, "
+    "last_update_time, created"
+)
+UPDATE_COLUMNS = (
+    "id, stack_id, kind, dry_run, status, version, program, config, metadata, created, "
+    "token_hash, lease_expires, start_time, end_time, resource_changes, journal_version, "
+    "requested_by, engine_version, checkpoint_seq, failure"
+)
+UPDATE_COLUMN_COUNT = UPDATE_COLUMNS.count(",") + 1
+
+
+def stack_from_row(row: tuple[Any, ...], tags: dict[str, str]) -> StackRecord:
+    return StackRecord(
+        id=row[0],
+        org=row[1],
+        project=row[2],
+        name=row[3],
+        tags=tags,
+        version=row[4],
+        locked_by=row[5],
+        last_update=row[6],
+        resource_count=row[7],
+        last_update_time=row[8],
+        created=row[9],
+    )
+
+
+def update_from_row(row: tuple[Any, ...]) -> UpdateRecord:
+    return UpdateRecord(
+        id=row[0],
+        stack_id=row[1],
+        kind=row[2],
+        dry_run=bool(row[3]),
+        status=row[4],
+        version=row[5],
+        program=json.loads(row[6]),
+        config=json.loads(row[7]),
+        metadata=json.loads(row[8]),
+        created=row[9],
+        token_hash=row[10],
+        lease_expires=row[11],
+        start_time=row[12],
+        end_time=row[13],
+        resource_changes=json.loads(row[14]) if row[14] else None,
+        journal_version=row[15],
+        requested_by=row[16],
+        engine_version=row[17],
+        checkpoint_seq=row[18],
+        failure=row[19],
+    )
+
+
+def update_values(update: UpdateRecord, *, status: str, version: int) -> tuple[Any, ...]:
+    """The values of UPDATE_COLUMNS for inserting `update` with this status and version."""
+    return (
+        update.id,
+        update.stack_id,
+        update.kind,
+        bool(update.dry_run),
+        status,
+        version,
+        json.dumps(update.program),
+        json.dumps(update.config),
+        json.dumps(update.metadata),
+        update.created,
+        update.token_hash,
+        update.lease_expires,
+        update.start_time,
+        update.end_time,
+        json.dumps(update.resource_changes) if update.resource_changes is not None else None,
+        update.journal_version,
+        update.requested_by,
+        update.engine_version,
+        update.checkpoint_seq,
+        update.failure,
+    )
+
+
+def check_lease(update: UpdateRecord | None, token_hash: str, now: float) -> UpdateRecord:
+    """The update, if `token_hash` holds its live lease; else Forbidden or Conflict."""
+    if update is None or not update.token_hash or not same(update.token_hash, token_hash):
+        raise Forbidden("Forbidden: the update token is not valid for this update")
+    if update.status != "running":
+        raise Conflict(not_running_message(update.status))
+    if (update.lease_expires or 0) <= now:
+        raise Forbidden("Forbidden: the update's lease has expired")
+    return update
+
+
+def check_writable(update: UpdateRecord | None, token_hash: str, now: float) -> UpdateRecord:
+    update = check_lease(update, token_hash, now)
+    if update.dry_run:
+        raise Forbidden(
+            "Forbidden: Updating the checkpoint is not permitted for preview operations."
+        )
+    return update
+
+
+def check_checkpointing(update: UpdateRecord | None, token_hash: str, now: float) -> UpdateRecord:
+    update = check_writable(update, token_hash, now)
+    if update.journal_version:
+        # Its journal is replayed onto version N as it was at start: a checkpoint would
+        # replace that base under the replayer.
+        raise Conflict("Conflict: this update sends journal entries, not checkpoints")
+    return update
+
+
+def not_running_message(status: str) -> str:
+    return {
+        "not-started": "Conflict: The Update has not started",
+        "cancelled": "Conflict: The Update has been cancelled",
+        "failed": "Conflict: The Update has already completed",
+        "succeeded": "Conflict: The Update has already completed",
+    }.get(status, "Conflict: The Update is not in progress.")
