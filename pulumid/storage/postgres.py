@@ -58,6 +58,7 @@ from pulumid.storage.rows import (
     check_lease,
     check_writable,
     not_running_message,
+    retention_deletes,
     stack_from_row,
     update_from_row,
     update_values,
@@ -767,31 +768,8 @@ class PostgresStore:
 
         def txn(conn: Conn) -> dict[str, int]:
             counts = {"events": 0, "previews": 0, "updates": 0, "unstarted": 0}
-            if rules.events_before is not None:
-                counts["events"] = conn.execute(
-                    "DELETE FROM events WHERE update_id IN (SELECT id FROM updates "
-                    "WHERE status NOT IN ('running', 'not-started') AND end_time < %s)",
-                    (rules.events_before,),
-                ).rowcount
-            if rules.previews_before is not None:
-                counts["previews"] = conn.execute(
-                    "DELETE FROM updates WHERE dry_run AND status NOT IN ('running', "
-                    "'not-started') AND end_time < %s",
-                    (rules.previews_before,),
-                ).rowcount
-            if rules.updates_before is not None:
-                # The update that made the current version stays: the stack points at it.
-                counts["updates"] = conn.execute(
-                    "DELETE FROM updates WHERE status NOT IN ('running', 'not-started') "
-                    "AND end_time < %s AND id NOT IN (SELECT last_update FROM stacks "
-                    "WHERE last_update IS NOT NULL)",
-                    (rules.updates_before,),
-                ).rowcount
-            if rules.unstarted_before is not None:
-                counts["unstarted"] = conn.execute(
-                    "DELETE FROM updates WHERE status = 'not-started' AND created < %s",
-                    (rules.unstarted_before,),
-                ).rowcount
+            for kind, statement, cutoff in retention_deletes(rules, "%s"):
+                counts[kind] = conn.execute(statement, (cutoff,)).rowcount
             return counts
 
         return self._write(txn)

@@ -10,7 +10,7 @@ from typing import Any
 
 from pulumid.auth.tokens import same
 from pulumid.errors import Conflict, Forbidden
-from pulumid.storage.records import StackRecord, UpdateRecord
+from pulumid.storage.records import RetentionRules, StackRecord, UpdateRecord
 
 STACK_HAS_RESOURCES = "Bad Request: Stack still contains resources."
 ANOTHER_UPDATE = "Conflict: Another update is currently in progress."
@@ -131,3 +131,38 @@ def not_running_message(status: str) -> str:
         "failed": "Conflict: The Update has already completed",
         "succeeded": "Conflict: The Update has already completed",
     }.get(status, "Conflict: The Update is not in progress.")
+
+
+_ENDED = "status NOT IN ('running', 'not-started')"
+# kind -> (the rule's field, the DELETE with {p} for the dialect's placeholder)
+_RETENTION = {
+    "events": (
+        "events_before",
+        f"DELETE FROM events WHERE update_id IN (SELECT id FROM updates WHERE {_ENDED} "
+        "AND end_time < {p})",
+    ),
+    "previews": (
+        "previews_before",
+        f"DELETE FROM updates WHERE dry_run = TRUE AND {_ENDED} AND end_time < {{p}}",
+    ),
+    # The update that made the current version stays: the stack points at it.
+    "updates": (
+        "updates_before",
+        f"DELETE FROM updates WHERE {_ENDED} AND end_time < {{p}} AND id NOT IN "
+        "(SELECT last_update FROM stacks WHERE last_update IS NOT NULL)",
+    ),
+    "unstarted": (
+        "unstarted_before",
+        "DELETE FROM updates WHERE status = 'not-started' AND created < {p}",
+    ),
+}
+
+
+def retention_deletes(rules: RetentionRules, placeholder: str) -> list[tuple[str, str, float]]:
+    """(kind, statement, cut-off) for each rule that is set, in one order for every store."""
+    deletes = []
+    for kind, (field, statement) in _RETENTION.items():
+        cutoff = getattr(rules, field)
+        if cutoff is not None:
+            deletes.append((kind, statement.format(p=placeholder), cutoff))
+    return deletes

@@ -24,7 +24,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from pulumid.errors import BadRequest, Conflict, Forbidden, NotFound, PulumidError
 from pulumid.storage.interface import Store
 from pulumid.storage.postgres import PostgresStore
-from pulumid.storage.records import StackRecord, StackRef, StateBlob, StoredEvent, UpdateRecord
+from pulumid.storage.records import (
+    RetentionRules,
+    StackRecord,
+    StackRef,
+    StateBlob,
+    StoredEvent,
+    UpdateRecord,
+)
 from pulumid.storage.sqlite import SQLiteStore
 from pulumid.threads import InlineRunner
 from tests.postgres import PostgresServer
@@ -734,3 +741,29 @@ def test_check_lease_with_the_stack_it_belongs_to(store: Store) -> None:
     assert ok(store.check_lease(update.id, "t", NOW + 1, stack.ref)).id == update.id
     fails(store.check_lease(update.id, "t", NOW + 1, other.ref), NotFound)
     fails(store.check_lease(update.id, "wrong", NOW + 1, stack.ref), Forbidden)
+
+
+def test_prune_by_retention_rules(store: Store) -> None:
+    stack = make_stack(store)
+    preview = started(store, stack, dry_run=True)
+    ok(store.complete_update(preview.id, "t", NOW + 1, "succeeded", 0))
+    first = started(store, stack, now=NOW + 2)
+    ok(store.append_events([(first.id, [StoredEvent(1, b"{}")])], {}))
+    ok(store.complete_update(first.id, "t", NOW + 3, "succeeded", 0))
+    second = started(store, stack, now=NOW + 4)
+    ok(store.complete_update(second.id, "t", NOW + 5, "succeeded", 0))
+    unstarted = new_update(stack.id, created=NOW)
+    ok(store.create_update(unstarted))
+    none = RetentionRules()
+    assert ok(store.prune(none)) == {"events": 0, "previews": 0, "updates": 0, "unstarted": 0}
+    everything = RetentionRules(NOW + 10, NOW + 10, NOW + 10, NOW + 10)
+    # The current version's update stays; the older one goes with its events.
+    assert ok(store.prune(everything)) == {
+        "events": 1,
+        "previews": 1,
+        "updates": 1,
+        "unstarted": 1,
+    }
+    assert [u.id for u in ok(store.list_history(stack.id, 0, 10))] == [second.id]
+    assert ok(store.get_update(unstarted.id)) is None
+    assert ok(store.get_events(first.id, -1, 10)) == []
