@@ -22,7 +22,11 @@ _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 @dataclass(frozen=True)
 class Config:
     listen: tuple[str, ...] = ("tcp:8080:interface=127.0.0.1",)
-    database: Path = Path("pulumid.db")
+    # A SQLite file path, or a postgresql:// URL (or libpq key=value string) shared by nodes.
+    database: str = "pulumid.db"
+    # "inline" keeps state blobs in the database; s3://bucket/prefix?... in object storage.
+    blob_store: str = "inline"
+    db_pool_size: int = 4
     token: str = ""
     master_key: str | None = None
     organization: str = "organization"
@@ -42,6 +46,22 @@ class Config:
     retention_interval: float = 3600.0
     # Fault points at the storage seam (tests only; env PULUMID_TEST_FAULTS, no flag).
     test_faults: str = ""
+
+    @property
+    def postgres(self) -> bool:
+        return is_postgres(self.database)
+
+    @property
+    def sqlite_path(self) -> Path:
+        return Path(self.database)
+
+
+def is_postgres(database: str) -> bool:
+    """True for postgresql:// and postgres:// URLs and libpq "host=... dbname=..." strings."""
+    lowered = database.strip().lower()
+    return lowered.startswith(("postgresql://", "postgres://")) or (
+        "=" in lowered and "dbname=" in lowered
+    )
 
 
 def _positive_float(value: str) -> float:
@@ -81,7 +101,27 @@ def _read_file(option: str, path: str) -> str:
 
 # name, default, coercer, help
 _PARAMETERS: list[tuple[str, Any, Callable[[str], Any] | None, str]] = [
-    ("database", "pulumid.db", None, "Path of the SQLite database file"),
+    (
+        "database",
+        "pulumid.db",
+        None,
+        "Path of the SQLite database file, or a postgresql://user:password@host/db URL "
+        "that several nodes share",
+    ),
+    (
+        "blob-store",
+        "inline",
+        None,
+        "Where state versions, journal batches and deltas go: 'inline' in the database, or "
+        "s3://bucket/prefix?endpoint=URL&region=NAME&path_style=true (credentials from the AWS "
+        "chain)",
+    ),
+    (
+        "db-pool-size",
+        4,
+        _positive_int,
+        "Database connections (and threads) per node, with PostgreSQL; SQLite uses one",
+    ),
     ("token", None, None, "The single-tenant access token the CLI logs in with (required)"),
     ("token-file", None, None, "Read the access token from this file instead"),
     (
@@ -279,9 +319,27 @@ def build_config(opts: usage.Options | dict[str, Any]) -> Config:
             raise usage.UsageError(
                 f"--{what} must be 3-40 letters, digits, '-' or '_', not {opts[what]!r}"
             )
+    database = str(opts["database"]).strip()
+    if not database:
+        raise usage.UsageError("--database must name a SQLite file or a postgresql:// URL")
+    blob_store = str(opts["blob-store"]).strip()
+    if blob_store != "inline":
+        from pulumid.storage.blobs import parse_s3_url
+
+        try:
+            parse_s3_url(blob_store)
+        except ValueError as e:
+            raise usage.UsageError(f"--blob-store: {e}") from None
+    if is_postgres(database) and master_key is None:
+        raise usage.UsageError(
+            "with PostgreSQL, every node needs the same secrets master key: pass "
+            "--master-key-file (or PULUMID_MASTER_KEY_FILE)"
+        )
     return Config(
         listen=tuple(listen),
-        database=Path(opts["database"]),
+        database=database,
+        blob_store=blob_store,
+        db_pool_size=int(opts["db-pool-size"]),
         token=token,
         master_key=master_key.lower() if master_key else None,
         organization=opts["organization"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any, cast
 
 from twisted.application import service, strports
@@ -22,15 +23,21 @@ from pulumid.engine.inflight import InFlight
 from pulumid.engine.secrets import MasterKeyMismatch, StackSecrets
 from pulumid.secrets.crypto import MasterKey
 from pulumid.services.timers import SafeTimer
+from pulumid.storage.blobs import S3Blobs
 from pulumid.storage.faults import Faults
+from pulumid.storage.interface import Store
+from pulumid.storage.split import BlobbedStore
 from pulumid.storage.sqlite import SchemaTooNew, SQLiteStore, StorageUnusable
-from pulumid.threads import InlineRunner, PoolRunner, cpu_pool_size
+from pulumid.threads import InlineRunner, PoolRunner, Runner, cpu_pool_size
 
 __all__ = ["Options", "makeService"]
 
+# Object storage requests in flight at once per node.
+BLOB_THREADS = 8
+
 
 class _StoreService(service.Service):
-    def __init__(self, store: SQLiteStore) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
         self.setName("storage")
 
@@ -42,7 +49,8 @@ class _StoreService(service.Service):
 def _master_key(config: Config) -> MasterKey:
     if config.master_key:
         return MasterKey.from_hex(config.master_key)
-    key_file = config.database.with_name(config.database.name + ".master-key")
+    database = config.sqlite_path
+    key_file = database.with_name(database.name + ".master-key")
     if key_file.exists():
         return MasterKey.from_hex(key_file.read_text().strip())
     key = MasterKey.generate()
@@ -59,33 +67,61 @@ def _master_key(config: Config) -> MasterKey:
     return key
 
 
-def make_backend(config: Config, reactor: Any) -> tuple[service.MultiService, Backend]:
-    top = service.MultiService()
-    db = PoolRunner(reactor, "db", 1)
-    cpu = PoolRunner(reactor, "cpu", cpu_pool_size())
+def _open_metadata(config: Config, db: Runner) -> tuple[Store, Store]:
+    """The metadata store on DB's threads, and one for startup checks on this thread."""
+    faults = Faults.parse(config.test_faults)
+    if config.postgres:
+        import psycopg
+
+        from pulumid.storage.postgres import PostgresStore
+
+        try:
+            pg = PostgresStore.open(config.database, db, faults=faults)
+        except psycopg.Error as e:
+            raise usage.UsageError(f"cannot open the PostgreSQL database: {e}") from e
+        except SchemaTooNew as e:
+            raise usage.UsageError(str(e)) from e
+        return pg, PostgresStore(config.database, InlineRunner())
     try:
-        store = SQLiteStore.open(
-            config.database,
-            db,
-            sync_commits=config.sync_commits,
-            faults=Faults.parse(config.test_faults),
+        sqlite = SQLiteStore.open(
+            config.sqlite_path, db, sync_commits=config.sync_commits, faults=faults
         )
     except (SchemaTooNew, StorageUnusable) as e:
         raise usage.UsageError(str(e)) from e
-    _StoreService(store).setServiceParent(top)
+    return sqlite, SQLiteStore(sqlite._conn, InlineRunner())
+
+
+def _open_blobs(config: Config, meta: Store, top: service.MultiService, reactor: Any) -> Store:
+    """META itself when blobs stay inline; else META with blobs in object storage."""
+    if config.blob_store == "inline":
+        return meta
+    runner = PoolRunner(reactor, "blobs", BLOB_THREADS)
+    runner.setServiceParent(top)
+    return BlobbedStore(meta, S3Blobs.open(config.blob_store, runner, max_connections=BLOB_THREADS))
+
+
+def make_backend(config: Config, reactor: Any) -> tuple[service.MultiService, Backend]:
+    top = service.MultiService()
+    db = PoolRunner(reactor, "db", config.db_pool_size if config.postgres else 1)
+    cpu = PoolRunner(reactor, "cpu", cpu_pool_size())
+    meta, startup_store = _open_metadata(config, db)
     master = _master_key(config)
     # Before the threads run, check the key on this thread with an inline store.
-    startup = StackSecrets(SQLiteStore(store._conn, InlineRunner()), master, InlineRunner())
+    startup = StackSecrets(startup_store, master, InlineRunner())
     checked: Deferred[None] = Deferred.fromCoroutine(startup.check_master_key())
     failures: list[Failure] = []
     checked.addErrback(failures.append)
+    if startup_store is not meta and config.postgres:
+        startup_store.close()
     if failures:
-        store.close()
+        meta.close()
         if failures[0].check(MasterKeyMismatch):
             raise usage.UsageError(str(failures[0].value))
         failures[0].raiseException()
     db.setServiceParent(top)
     cpu.setServiceParent(top)
+    store = _open_blobs(config, meta, top, reactor)
+    _StoreService(store).setServiceParent(top)
     secrets = StackSecrets(store, master, cpu)
     events = EventWriter(store)
     inflight = InFlight(store, cpu, reactor, config.max_body_size, config.inflight_memory)
@@ -95,7 +131,27 @@ def make_backend(config: Config, reactor: Any) -> tuple[service.MultiService, Ba
     SafeTimer(
         "retention", config.retention_interval, backend.apply_retention, clock=reactor, now=False
     ).setServiceParent(top)
+    if isinstance(store, BlobbedStore):
+        SafeTimer(
+            "blob-collection",
+            config.retention_interval,
+            lambda: collect_blobs(store, backend),
+            clock=reactor,
+            now=False,
+        ).setServiceParent(top)
     return top, backend
+
+
+async def collect_blobs(store: BlobbedStore, backend: Backend) -> int:
+    """Delete orphaned blobs; one node per interval does it."""
+    now = backend.clock.seconds()
+    until = now + backend.config.retention_interval * 0.9
+    if not await store.claim("blob-collection", backend.node, now, until):
+        return 0
+    deleted = await store.collect(time.time())
+    if deleted:
+        backend.log.info("deleted {count} orphaned blobs", count=deleted)
+    return deleted
 
 
 def make_site(backend: Backend) -> Site:

@@ -74,7 +74,10 @@ def test_defaults() -> None:
     config = parse("--token", TOKEN)
     assert config == Config(token=TOKEN)
     assert config.listen == ("tcp:8080:interface=127.0.0.1",)
-    assert config.database == Path("pulumid.db")
+    assert config.database == "pulumid.db"
+    assert config.sqlite_path == Path("pulumid.db")
+    assert not config.postgres
+    assert config.blob_store == "inline"
     assert config.master_key is None
     assert config.lease_ttl == 300.0
 
@@ -196,7 +199,7 @@ def test_make_service(tmp_path: Path) -> None:
 
 
 def _config(tmp_path: Path, **overrides: Any) -> Config:
-    return Config(token=TOKEN, database=tmp_path / "data" / "db.sqlite", **overrides)
+    return Config(token=TOKEN, database=str(tmp_path / "data" / "db.sqlite"), **overrides)
 
 
 def test_wrong_master_key_on_an_existing_database(tmp_path: Path) -> None:
@@ -219,7 +222,7 @@ def test_absent_master_key_is_generated_once(
     config = _config(tmp_path)
     top, _backend = make_backend(config, reactor)
     close(top)
-    key_file = config.database.with_name("db.sqlite.master-key")
+    key_file = config.sqlite_path.with_name("db.sqlite.master-key")
     assert key_file.exists()
     key = key_file.read_text().strip()
     assert re.fullmatch("[0-9a-f]{64}", key)

@@ -6,7 +6,10 @@ blocking work (big JSON, gzip) to the CPU runner.
 
 from __future__ import annotations
 
+import os
 import re
+import secrets as secrets_module
+import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -41,6 +44,8 @@ COMPLETE_STATUSES = ("succeeded", "failed", "cancelled")
 EVENTS_PAGE = 100
 LEASE_EXPIRED = "the update's lease expired: its CLI stopped renewing it"
 DAY = 86400.0
+# How long a node's claim on one lease expiry holds off the other nodes.
+CLAIM_SECONDS = 60.0
 # Event batches larger than this are encoded on the CPU pool.
 INLINE_EVENTS = 50
 
@@ -96,6 +101,8 @@ class Backend:
         self.secrets = secrets
         self.events = events
         self.inflight = inflight
+        # Names this process in claims of timed work shared with other nodes.
+        self.node = f"{socket.gethostname()}:{os.getpid()}:{secrets_module.token_hex(4)}"
 
     # -- identity -------------------------------------------------------------------------
 
@@ -506,9 +513,14 @@ class Backend:
     async def expire_leases(self) -> list[str]:
         """End every update whose lease ran out; one that fails does not stop the others."""
         expired = []
-        for update in await self.store.list_expired(self.clock.seconds()):
+        now = self.clock.seconds()
+        for update in await self.store.list_expired(now):
             try:
-                if await self._expire(update):
+                # Every node sweeps; one claims each update, so its final state is built once.
+                claimed = await self.store.claim(
+                    f"expire:{update.id}", self.node, now, now + CLAIM_SECONDS
+                )
+                if claimed and await self._expire(update):
                     expired.append(update.id)
             except Exception as e:
                 self.log.error(
@@ -530,7 +542,12 @@ class Backend:
             previews_before=cutoff(self.config.preview_retention_days),
             updates_before=cutoff(self.config.update_retention_days),
             unstarted_before=now - DAY,
+            claims_before=now - DAY,
         )
+        # One node per interval prunes; the others find the claim live and skip.
+        interval = self.config.retention_interval
+        if not await self.store.claim("retention", self.node, now, now + interval * 0.9):
+            return {}
         counts = await self.store.prune(rules)
         if any(counts.values()):
             self.log.info("retention removed {counts}", counts=counts)

@@ -150,6 +150,12 @@ class Store(Protocol):
     # retention
     def prune(self, rules: RetentionRules) -> Deferred[dict[str, int]]: ...
 
+    # Timed work shared by nodes: NAME is claimed by HOLDER until UNTIL unless another holder's
+    # claim is still live at NOW. True when HOLDER has it (again); one holder at a time.
+    def claim(self, name: str, holder: str, now: float, until: float) -> Deferred[bool]: ...
+    # Every stored state, journal batch and delta body that starts with PREFIX (blob references).
+    def referenced_blobs(self, prefix: bytes) -> Deferred[list[bytes]]: ...
+
     # engine events
     def append_events(
         self,

@@ -14,6 +14,8 @@ from typing import Any
 
 import psycopg
 
+from pulumid.storage.rows import CLAIMS_TABLE
+
 # pg_advisory_xact_lock key held while migrating: "pulumid" in ASCII.
 MIGRATION_LOCK = 0x70756C756D6964
 
@@ -109,6 +111,8 @@ MIGRATIONS: list[str | Callable[[psycopg.Connection[Any]], None]] = [
         PRIMARY KEY (update_id, seq)
     );
     """,
+    # 2: timed work claimed by one node at a time
+    CLAIMS_TABLE,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -49,6 +49,7 @@ from pulumid.storage.records import (
 )
 from pulumid.storage.rows import (
     ANOTHER_UPDATE,
+    BLOB_COLUMNS,
     STACK_COLUMNS,
     STACK_HAS_RESOURCES,
     STORAGE_FAILED,
@@ -57,6 +58,7 @@ from pulumid.storage.rows import (
     check_checkpointing,
     check_lease,
     check_writable,
+    claim_statement,
     not_running_message,
     retention_deletes,
     stack_from_row,
@@ -767,12 +769,32 @@ class PostgresStore:
         """Delete what retention lets go of; one transaction, counts by kind."""
 
         def txn(conn: Conn) -> dict[str, int]:
-            counts = {"events": 0, "previews": 0, "updates": 0, "unstarted": 0}
+            counts = dict.fromkeys(("events", "previews", "updates", "unstarted", "claims"), 0)
             for kind, statement, cutoff in retention_deletes(rules, "%s"):
                 counts[kind] = conn.execute(statement, (cutoff,)).rowcount
             return counts
 
         return self._write(txn)
+
+    def claim(self, name: str, holder: str, now: float, until: float) -> Deferred[bool]:
+        def txn(conn: Conn) -> bool:
+            row = conn.execute(claim_statement("%s"), (name, holder, until, holder, now)).fetchone()
+            return row is not None
+
+        return self._write(txn)
+
+    def referenced_blobs(self, prefix: bytes) -> Deferred[list[bytes]]:
+        def txn(conn: Conn) -> list[bytes]:
+            found: list[bytes] = []
+            for table, column in BLOB_COLUMNS:
+                rows = conn.execute(
+                    f"SELECT {column} FROM {table} WHERE substr({column}, 1, %s) = %s",
+                    (len(prefix), prefix),
+                ).fetchall()
+                found.extend(bytes(row[0]) for row in rows)
+            return found
+
+        return self._read(txn)
 
     # -- events ---------------------------------------------------------------------------
 

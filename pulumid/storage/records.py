@@ -88,3 +88,4 @@ class RetentionRules:
     previews_before: float | None = None
     updates_before: float | None = None
     unstarted_before: float | None = None
+    claims_before: float | None = None

@@ -155,6 +155,8 @@ _RETENTION = {
         "unstarted_before",
         "DELETE FROM updates WHERE status = 'not-started' AND created < {p}",
     ),
+    # Claims of timed work that ran out long ago (their names are not reused).
+    "claims": ("claims_before", "DELETE FROM claims WHERE until < {p}"),
 }
 
 
@@ -166,3 +168,26 @@ def retention_deletes(rules: RetentionRules, placeholder: str) -> list[tuple[str
         if cutoff is not None:
             deletes.append((kind, statement.format(p=placeholder), cutoff))
     return deletes
+
+
+# Blob references are stored in these columns in place of the bytes they name.
+BLOB_COLUMNS = (("states", "data"), ("journal_batches", "body"), ("checkpoint_deltas", "body"))
+
+CLAIMS_TABLE = """
+    CREATE TABLE claims (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        until DOUBLE PRECISION NOT NULL
+    )
+"""
+
+
+def claim_statement(placeholder: str) -> str:
+    """Insert or take over a claim unless another holder's is live; returns a row if taken.
+    Parameters: name, holder, until, holder, now."""
+    p = placeholder
+    return (
+        f"INSERT INTO claims (name, holder, until) VALUES ({p}, {p}, {p}) "
+        "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until = excluded.until "
+        f"WHERE claims.holder = {p} OR claims.until <= {p} RETURNING holder"
+    )

@@ -9,6 +9,7 @@ import sqlite3
 from collections.abc import Callable
 
 from pulumid.auth.tokens import hash_token
+from pulumid.storage.rows import CLAIMS_TABLE
 
 
 def _v3_hashed_tokens_and_failures(conn: sqlite3.Connection) -> None:
@@ -117,6 +118,8 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     """,
     # 3: hashed update tokens, the reason an update was ended by the server
     _v3_hashed_tokens_and_failures,
+    # 4: timed work claimed by one node at a time
+    CLAIMS_TABLE,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -124,7 +124,7 @@ class Server:
 @asynccontextmanager
 async def serve(tmp_path: Path, **overrides: Any) -> AsyncIterator[Server]:
     settings: dict[str, Any] = {
-        "database": tmp_path / "db.sqlite",
+        "database": str(tmp_path / "db.sqlite"),
         "token": TOKEN,
         "master_key": KEY,
         "organization": ORG,

@@ -1,6 +1,7 @@
-"""Fixtures for the contract tests: the session PostgreSQL server from tests/postgres.py, started
-only when a test runs against the PostgreSQL store."""
+"""Fixtures for the contract tests: the session PostgreSQL server (tests/postgres.py) and MinIO
+(tests/minio.py), each started only when a test needs it."""
 
+from tests.minio import aws_env, minio_endpoint
 from tests.postgres import postgres_server
 
-__all__ = ["postgres_server"]
+__all__ = ["aws_env", "minio_endpoint", "postgres_server"]

@@ -22,6 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from pulumid.errors import BadRequest, Conflict, Forbidden, NotFound, PulumidError
+from pulumid.storage.blobs import S3Blobs
 from pulumid.storage.interface import Store
 from pulumid.storage.postgres import PostgresStore
 from pulumid.storage.records import (
@@ -32,8 +33,10 @@ from pulumid.storage.records import (
     StoredEvent,
     UpdateRecord,
 )
+from pulumid.storage.split import BlobbedStore
 from pulumid.storage.sqlite import SQLiteStore
 from pulumid.threads import InlineRunner
+from tests.minio import s3_url
 from tests.postgres import PostgresServer
 
 T = TypeVar("T")
@@ -69,10 +72,31 @@ def _open_postgres(directory: Path) -> Store:
     return PostgresStore.open(make_conninfo(server.dsn, dbname=database), InlineRunner())
 
 
+class _MinIO:
+    """The session MinIO endpoint, set by the `opener` fixture before an S3 test opens a store."""
+
+    endpoint: str | None = None
+
+
+def _with_s3(open_meta: Callable[[Path], Store]) -> Callable[[Path], Store]:
+    """OPEN_META's store with its blobs in MinIO, under a prefix named from the directory."""
+
+    def open_split(directory: Path) -> Store:
+        endpoint = _MinIO.endpoint
+        assert endpoint is not None, "the opener fixture starts MinIO"
+        prefix = "contract-" + hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:32]
+        blobs = S3Blobs.open(s3_url(endpoint, prefix), InlineRunner())
+        return BlobbedStore(open_meta(directory), blobs)
+
+    return open_split
+
+
 # name -> opener(directory). One line per implementation.
 IMPLEMENTATIONS: dict[str, Callable[[Path], Store]] = {
     "postgres": _open_postgres,
+    "postgres+s3": _with_s3(_open_postgres),
     "sqlite": _open_sqlite,
+    "sqlite+s3": _with_s3(_open_sqlite),
 }
 
 _sync = SynchronousTestCase()
@@ -90,8 +114,10 @@ def fails(d: Deferred[Any], kind: type[E]) -> E:
 
 @pytest.fixture(params=sorted(IMPLEMENTATIONS))
 def opener(request: pytest.FixtureRequest) -> Callable[[Path], Store]:
-    if request.param == "postgres":
+    if request.param.startswith("postgres"):
         _Postgres.server = request.getfixturevalue("postgres_server")
+    if request.param.endswith("+s3"):
+        _MinIO.endpoint = request.getfixturevalue("minio_endpoint")
     return IMPLEMENTATIONS[request.param]
 
 
@@ -755,15 +781,54 @@ def test_prune_by_retention_rules(store: Store) -> None:
     unstarted = new_update(stack.id, created=NOW)
     ok(store.create_update(unstarted))
     none = RetentionRules()
-    assert ok(store.prune(none)) == {"events": 0, "previews": 0, "updates": 0, "unstarted": 0}
-    everything = RetentionRules(NOW + 10, NOW + 10, NOW + 10, NOW + 10)
+    zero = {"events": 0, "previews": 0, "updates": 0, "unstarted": 0, "claims": 0}
+    assert ok(store.prune(none)) == zero
+    everything = RetentionRules(NOW + 10, NOW + 10, NOW + 10, NOW + 10, NOW + 10)
     # The current version's update stays; the older one goes with its events.
     assert ok(store.prune(everything)) == {
         "events": 1,
         "previews": 1,
         "updates": 1,
         "unstarted": 1,
+        "claims": 0,
     }
     assert [u.id for u in ok(store.list_history(stack.id, 0, 10))] == [second.id]
     assert ok(store.get_update(unstarted.id)) is None
     assert ok(store.get_events(first.id, -1, 10)) == []
+
+
+def test_claims_one_holder_at_a_time(store: Store) -> None:
+    assert ok(store.claim("retention", "node-a", NOW, NOW + 60)) is True
+    # Live: another node is turned away, the holder may renew.
+    assert ok(store.claim("retention", "node-b", NOW + 30, NOW + 90)) is False
+    assert ok(store.claim("retention", "node-a", NOW + 30, NOW + 90)) is True
+    assert ok(store.claim("retention", "node-b", NOW + 89, NOW + 150)) is False
+    # Run out: anyone takes it over, and the old holder is the one turned away.
+    assert ok(store.claim("retention", "node-b", NOW + 90, NOW + 150)) is True
+    assert ok(store.claim("retention", "node-a", NOW + 100, NOW + 160)) is False
+    # Names are independent.
+    assert ok(store.claim("expire:u1", "node-a", NOW + 100, NOW + 160)) is True
+    # Claims that ran out before the cut-off are pruned; live ones stay.
+    counts = ok(store.prune(RetentionRules(claims_before=NOW + 155)))
+    assert counts["claims"] == 1
+    assert ok(store.claim("expire:u1", "node-c", NOW + 156, NOW + 200)) is False
+    assert ok(store.claim("retention", "node-c", NOW + 156, NOW + 200)) is True
+
+
+def test_referenced_blobs_finds_values_by_prefix(store: Store) -> None:
+    # What the metadata store holds: a split store's own references would hide the marker.
+    store = store.meta if isinstance(store, BlobbedStore) else store
+    marker = b"\x00marker:"
+    stack = make_stack(store, initial=StateBlob(marker + b"initial", 0))
+    make_stack(store, "other", initial=blob("{}"))
+    update = journaling(store, stack)
+    assert update.token_hash
+    ok(store.append_journal(update.id, update.token_hash, NOW + 1, marker + b"batch"))
+    ok(store.append_journal(update.id, update.token_hash, NOW + 1, b"plain batch"))
+    plain = started(store, make_stack(store, "third"), now=NOW + 2)
+    assert plain.token_hash
+    ok(store.save_delta(plain.id, plain.token_hash, NOW + 3, 1, marker + b"delta"))
+    # Starting an update copies version N-1 to N: one value may be referenced by two rows.
+    found = set(ok(store.referenced_blobs(marker)))
+    assert found == {marker + b"initial", marker + b"batch", marker + b"delta"}
+    assert ok(store.referenced_blobs(b"\x00nothing:")) == []

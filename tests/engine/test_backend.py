@@ -76,7 +76,7 @@ class Env:
 
 def _env(tmp_path: Path, **overrides: Any) -> Env:
     settings: dict[str, Any] = {
-        "database": tmp_path / "db.sqlite",
+        "database": str(tmp_path / "db.sqlite"),
         "token": "test-token-123",
         "organization": ORG,
         "user": "alice",
@@ -84,7 +84,7 @@ def _env(tmp_path: Path, **overrides: Any) -> Env:
         **overrides,
     }
     config = Config(**settings)
-    store = SQLiteStore.open(config.database, InlineRunner())
+    store = SQLiteStore.open(config.sqlite_path, InlineRunner())
     clock = Clock()
     clock.advance(START)
     cpu = InlineRunner()

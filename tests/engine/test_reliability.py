@@ -468,6 +468,7 @@ def test_10_retention_removes_old_events_previews_and_unstarted_updates(env: Env
         "previews": 0,
         "updates": 0,
         "unstarted": 1,
+        "claims": 0,
     }
     env.clock.advance(2 * DAY)  # previews: 30 days
     assert ok(env.backend.apply_retention())["previews"] == 1
@@ -627,3 +628,36 @@ def test_delta_baselines_follow_saves_made_by_another_node(env: Env) -> None:
     assert len(urns(json.loads(gzip.decompress(blob.gzipped)))) == 2
     ok(env.backend.complete(ref, update.id, token, "succeeded"))
     assert len(urns(exported(env, ref))) == 2
+
+
+def test_two_nodes_sweeping_at_once_expire_each_lease_once(env: Env) -> None:
+    other = _second_node(env)
+    ref = env.create()
+    update = env.start(ref)
+    env.clock.advance(env.backend.config.lease_ttl + 1)
+    built: list[str] = []
+    for node in (env.backend, other):
+        real = node._final_state
+
+        def counting(record: UpdateRecord, real: Any = real) -> Any:
+            built.append(record.id)
+            return real(record)
+
+        node._final_state = counting  # type: ignore[method-assign]
+    # Both nodes find the lease expired; the first claims it, the second skips it.
+    assert ok(env.backend.expire_leases()) == [update.id]
+    assert ok(other.expire_leases()) == []
+    assert built == [update.id]
+    assert record(env, update.id).status == "failed"
+
+
+def test_two_nodes_prune_once_per_interval(env: Env) -> None:
+    other = _second_node(env)
+    ref = env.create()
+    ok(env.backend.create_update(ref, "update", {"options": {}}))
+    env.clock.advance(2 * DAY)
+    assert ok(env.backend.apply_retention())["unstarted"] == 1
+    # The other node's tick in the same interval finds the claim live and does nothing.
+    assert ok(other.apply_retention()) == {}
+    env.clock.advance(env.backend.config.retention_interval)
+    assert ok(other.apply_retention())["unstarted"] == 0
