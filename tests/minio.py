@@ -62,5 +62,3 @@ def minio_endpoint(aws_env: None, tmp_path_factory: pytest.TempPathFactory) -> I
 
 def s3_url(endpoint: str, prefix: str) -> str:
     return f"s3://{BUCKET}/{prefix}?endpoint={endpoint}&region=us-east-1&path_style=true"
-
-

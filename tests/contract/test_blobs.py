@@ -39,6 +39,7 @@ from tests.minio import s3_url
 
 pytestmark = pytest.mark.live
 
+
 @pytest.fixture
 def s3_blobs(minio_endpoint: str) -> Iterator[BlobStore]:
     # A fresh prefix per test: the bucket is shared by the session.
