@@ -829,6 +829,7 @@ def test_referenced_blobs_finds_values_by_prefix(store: Store) -> None:
     assert plain.token_hash
     ok(store.save_delta(plain.id, plain.token_hash, NOW + 3, 1, marker + b"delta"))
     # Starting an update copies version N-1 to N: one value may be referenced by two rows.
-    found = set(ok(store.referenced_blobs(marker)))
+    values: list[bytes] = ok(store.referenced_blobs(marker))
+    found = set(values)
     assert found == {marker + b"initial", marker + b"batch", marker + b"delta"}
     assert ok(store.referenced_blobs(b"\x00nothing:")) == []
