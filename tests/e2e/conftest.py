@@ -4,6 +4,11 @@
   default "3.259.0,3.210.0"); `cli_version` is parametrized over them (ids = version).
 - `daemon`: a fresh daemon (own port, database, token) per test; `start_daemon(**flags)`
   starts more, with extra flags (`lease_ttl=3` -> `--lease-ttl 3`).
+- `storage`: where the daemons keep their data (env PULUMID_E2E_STORAGE, default every one of
+  sqlite, postgres, sqlite+s3, postgres+s3); each daemon gets a fresh database (a PostgreSQL
+  database on the session server) and a fresh S3 prefix (session MinIO). SQLite runs with
+  every CLI version; the others with the newest. `@pytest.mark.storages("sqlite", ...)`
+  limits a heavy test to the stores it names.
 - `cli`: the CLI of `cli_version`, pointed at `daemon` (token, per-test PULUMI_HOME, PATH
   with the CLI, the YAML host and the test provider); `make_cli(version, daemon)` builds
   one for another daemon or version.
@@ -16,10 +21,12 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from tests.e2e.helpers import (
@@ -32,6 +39,10 @@ from tests.e2e.helpers import (
     yaml_host_binary,
 )
 from tests.e2e.programs import write_yaml_program
+from tests.minio import aws_env, minio_endpoint, s3_url
+from tests.postgres import PostgresServer, postgres_server
+
+__all__ = ["aws_env", "minio_endpoint", "postgres_server"]
 
 CLI_VERSIONS = [
     v.strip()
@@ -39,7 +50,75 @@ CLI_VERSIONS = [
     if v.strip()
 ]
 
+STORAGES = [
+    s.strip()
+    for s in os.environ.get("PULUMID_E2E_STORAGE", "sqlite,postgres,sqlite+s3,postgres+s3").split(
+        ","
+    )
+    if s.strip()
+]
+
 _DAEMONS = pytest.StashKey[list[Daemon]]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "storages(*names): run only on these stores (heavy suites, to fit CI)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Other stores run with the newest CLI only; `storages` limits a test to those it names."""
+    kept, dropped = [], []
+    for item in items:
+        params = getattr(item, "callspec", None)
+        storage = params.params.get("storage", "sqlite") if params else "sqlite"
+        version = params.params.get("cli_version") if params else None
+        limited = item.get_closest_marker("storages")
+        if (limited and storage not in limited.args) or (
+            storage != "sqlite" and version and version != CLI_VERSIONS[0]
+        ):
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+@pytest.fixture(params=STORAGES)
+def storage(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    if name not in ("sqlite", "postgres", "sqlite+s3", "postgres+s3"):
+        pytest.fail(f"PULUMID_E2E_STORAGE: unknown storage {name!r}", pytrace=False)
+    return name
+
+
+@pytest.fixture
+def storage_flags(storage: str, request: pytest.FixtureRequest) -> Callable[[], dict[str, str]]:
+    """Flags that put a new daemon's data in a fresh database and S3 prefix of `storage`."""
+    server: PostgresServer | None = None
+    endpoint: str | None = None
+    if storage.startswith("postgres"):
+        server = request.getfixturevalue("postgres_server")
+    if storage.endswith("+s3"):
+        endpoint = request.getfixturevalue("minio_endpoint")
+
+    def flags() -> dict[str, str]:
+        made: dict[str, str] = {}
+        name = "e2e_" + uuid.uuid4().hex[:16]
+        if server is not None:
+            with psycopg.connect(server.dsn, autocommit=True) as admin:
+                admin.execute(f'CREATE DATABASE "{name}"')
+            made["database"] = (
+                f"postgresql://{server.user}:{server.password}@{server.host}:{server.port}"
+                f"/{name}?connect_timeout=10"
+            )
+        if endpoint is not None:
+            made["blob_store"] = s3_url(endpoint, name.replace("_", "-"))
+        return made
+
+    return flags
 
 
 @pytest.fixture(scope="session")
@@ -64,13 +143,19 @@ def provider_dir() -> Path:
 
 
 @pytest.fixture
-def start_daemon(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+def start_daemon(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    storage_flags: Callable[[], dict[str, str]],
+) -> Iterator[Callable[..., Daemon]]:
     """Factory: start_daemon(**flags) starts one more daemon; all are stopped at teardown."""
     started: list[Daemon] = []
     request.node.stash[_DAEMONS] = started
 
     def start(**flags: object) -> Daemon:
-        daemon = Daemon(workdir=tmp_path / f"daemon{len(started)}", flags=dict(flags))
+        daemon = Daemon(
+            workdir=tmp_path / f"daemon{len(started)}", flags={**storage_flags(), **flags}
+        )
         started.append(daemon)
         return daemon.start()
 

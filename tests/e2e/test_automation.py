@@ -224,6 +224,8 @@ PEAK_RSS_LIMIT = 400 * 2**20
 PADDING = 8 * 1024  # bytes of provider state per resource: the checkpoint's secrets > 1 MiB
 
 
+# Heavy: the two ends of the storage matrix are enough.
+@pytest.mark.storages("sqlite", "postgres+s3")
 def test_many_dynamic_resources(automation: Automation) -> None:
     stack = automation.stack("many", "dev", many_program(MANY, PADDING))
     out = automation.on_output

@@ -13,6 +13,8 @@ from tests.e2e.helpers import PulumiCLI, resources
 pytestmark = pytest.mark.e2e
 
 
+# Heavy: the two ends of the storage matrix are enough.
+@pytest.mark.storages("sqlite", "postgres+s3")
 def test_thirty_resources_of_16kb(cli: PulumiCLI, project: Callable[..., Path]) -> None:
     p = project("p", items=30, payload_size=16384)
     cli.run("stack", "init", "acme/big", cwd=p)

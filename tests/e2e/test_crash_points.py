@@ -539,6 +539,8 @@ def crash_run(
         write_report(tmp_path / "crash-points.json", run.points)
 
 
+# Kills at SQLite's own commit steps; other stores' kills are in test_crash.py and the cluster.
+@pytest.mark.storages("sqlite")
 def test_crash_points_journaled(crash_run: Callable[[str], CrashRun]) -> None:
     run = crash_run("3.259.0")
     for phase in JOURNALED:
@@ -558,6 +560,7 @@ def test_crash_points_journaled(crash_run: Callable[[str], CrashRun]) -> None:
     assert len(problems) == 2 and problems[1].startswith(f"leaked: {name} "), problems
 
 
+@pytest.mark.storages("sqlite")
 def test_crash_points_checkpointed(crash_run: Callable[[str], CrashRun]) -> None:
     run = crash_run("3.210.0")
     for phase in CHECKPOINTED:

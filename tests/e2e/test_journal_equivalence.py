@@ -155,6 +155,8 @@ def calls(log: str, stack: str, suffixes: Collection[str]) -> list[str]:
     ]
 
 
+# Heavy: the two ends of the storage matrix are enough.
+@pytest.mark.storages("sqlite", "postgres+s3")
 def test_journal_and_checkpoints_give_the_same_state(
     daemon: Daemon,
     make_cli: Callable[[str, Daemon], PulumiCLI],
