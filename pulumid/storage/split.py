@@ -51,6 +51,11 @@ def is_ref(data: bytes) -> bool:
     return data.startswith(REF)
 
 
+def new_key(kind: str, owner: str, now: float) -> str:
+    """A fresh key for a blob of KIND belonging to OWNER, made at NOW (seconds)."""
+    return f"{kind}/{owner}/{int(now * 1000):013d}-{secrets.token_hex(8)}"
+
+
 def key_time(key: str) -> float | None:
     """Creation time (seconds) encoded in KEY, or None if KEY is not one of ours."""
     stamp = key.rsplit("/", 1)[-1].split("-", 1)[0]
@@ -74,7 +79,7 @@ class BlobbedStore:
     # -- blob plumbing --------------------------------------------------------------------
 
     async def _put(self, kind: str, owner: str, data: bytes) -> tuple[str, bytes]:
-        key = f"{kind}/{owner}/{int(self._clock() * 1000):013d}-{secrets.token_hex(8)}"
+        key = new_key(kind, owner, self._clock())
         await self.blobs.put(key, data)
         return key, REF + key.encode()
 
