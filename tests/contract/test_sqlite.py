@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from pulumid.auth.tokens import hash_token
-from pulumid.errors import Unavailable
+from pulumid.errors import Conflict, Unavailable
 from pulumid.storage import sqlite as sqlite_module
 from pulumid.storage.faults import Faults
 from pulumid.storage.records import StackRef, StateBlob
@@ -140,4 +140,12 @@ def test_storage_errors_are_unavailable_and_the_store_recovers(tmp_path: Path) -
     fails(store.create_stack(StackRef("o", "p", "s"), {}, NOW, None), Unavailable)
     assert ok(store.get_stack(StackRef("o", "p", "s"))) is None
     ok(store.create_stack(StackRef("o", "p", "s"), {}, NOW, None))
+    store.close()
+
+
+def test_a_refused_create_does_not_use_up_a_stack_id(tmp_path: Path) -> None:
+    store = SQLiteStore.open(tmp_path / "db.sqlite", InlineRunner())
+    assert ok(store.create_stack(StackRef("o", "p", "s"), {}, NOW, None)).id == 1
+    fails(store.create_stack(StackRef("o", "p", "s"), {}, NOW, None), Conflict)
+    assert ok(store.create_stack(StackRef("o", "p", "t"), {}, NOW, None)).id == 2
     store.close()
