@@ -147,11 +147,24 @@ class InFlight:
         return replayer
 
     async def _checked_replayer(self, update: UpdateRecord) -> JournalReplayer:
-        """For reads: a cached replayer counts only if it holds every stored batch."""
-        replayer = await self._replayer(update)
-        if await self._lags(replayer, update):
-            replayer = await self._replayer(update, fresh=True)
+        """The replayer holding every stored batch: the cached one, caught up with what other
+        nodes appended since (only the missing batches are read), or one rebuilt."""
+        replayer = self.journals.get(update.id)
+        if replayer is None:
+            return await self._replayer(update)
+        length = await self._store.journal_length(update.id)
+        if length < replayer.batches:
+            return await self._replayer(update, fresh=True)  # cannot happen; be safe
+        if length > replayer.batches:
+            missing = await self._store.get_journal(update.id, after=replayer.batches)
+            await self._cpu.run(self._catch_up_blocking, replayer, missing)
+            self.journals.recost(update.id)
         return replayer
+
+    def _catch_up_blocking(self, replayer: JournalReplayer, missing: list[bytes]) -> None:
+        replayer.add(deployments.stored_journal_blocking(missing, self._limit))
+        replayer.batches += len(missing)
+        replayer.text_bytes += sum(len(body) for body in missing)
 
     def _rebuild_blocking(self, base: StateBlob | None, stored: list[bytes]) -> JournalReplayer:
         document: dict[str, Any] = {}
@@ -175,19 +188,22 @@ class InFlight:
     ) -> None:
         """Validate and apply a batch in memory, then persist it before acknowledging.
 
-        The append is conditional on the journal having as many batches as the replayer
-        applied: if another node appended meanwhile, the replayer is rebuilt and the batch
-        applied again (once), so no node ever extends a journal it has not seen.
+        The replayer first catches up with batches other nodes appended (behind a load
+        balancer, consecutive batches land on different nodes). The append is conditional on
+        the journal still having as many batches as the replayer applied: if another node
+        appended in between, the replayer is rebuilt and the batch applied again (once), so
+        no node ever extends a journal it has not seen.
         """
         entries = await self._cpu.run(deployments.journal_entries_blocking, body)
         async with self._locked(update.id):
             for last_try in (False, True):
-                replayer = await self._replayer(update, fresh=last_try)
+                replayer = await self._checked_replayer(update)
                 try:
                     await self._cpu.run(self._apply_blocking, replayer, entries)
                 except JournalError as e:
                     if not last_try and await self._lags(replayer, update):
-                        continue  # judged against a stale replayer: rebuild and retry
+                        self.journals.pop(update.id)  # half-applied: rebuild and retry
+                        continue
                     raise BadRequest(f"Bad Request: invalid journal entry: {e}") from None
                 try:
                     replayer.batches = await self._store.append_journal(

@@ -273,9 +273,9 @@ class BlobbedStore:
 
         return Deferred.fromCoroutine(go())
 
-    def get_journal(self, update_id: str) -> Deferred[list[bytes]]:
+    def get_journal(self, update_id: str, after: int = 0) -> Deferred[list[bytes]]:
         async def go() -> list[bytes]:
-            return await self._resolve_all(await self.meta.get_journal(update_id))
+            return await self._resolve_all(await self.meta.get_journal(update_id, after))
 
         return Deferred.fromCoroutine(go())
 

@@ -508,11 +508,12 @@ class SQLStore:
     def journal_length(self, update_id: str) -> Deferred[int]:
         return self._read(_journal_length, update_id)
 
-    def get_journal(self, update_id: str) -> Deferred[list[bytes]]:
+    def get_journal(self, update_id: str, after: int = 0) -> Deferred[list[bytes]]:
         def txn(conn: Connection) -> list[bytes]:
             rows = conn.execute(
-                "SELECT body FROM journal_batches WHERE update_id = ? ORDER BY batch",
-                (update_id,),
+                "SELECT body FROM journal_batches WHERE update_id = ? AND batch > ? "
+                "ORDER BY batch",
+                (update_id, after),
             ).fetchall()
             return [bytes(row[0]) for row in rows]
 

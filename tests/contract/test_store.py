@@ -722,6 +722,9 @@ def test_journal_batches_kept_in_order_until_the_update_ends(store: Store) -> No
     ok(store.append_journal(update.id, "t", NOW + 1, b"first"))
     ok(store.append_journal(update.id, "t", NOW + 2, b"second"))
     assert ok(store.get_journal(update.id)) == [b"first", b"second"]
+    # A node that holds the first batch reads only what came after it.
+    assert ok(store.get_journal(update.id, after=1)) == [b"second"]
+    assert ok(store.get_journal(update.id, after=2)) == []
     fails(store.append_journal(update.id, "wrong", NOW + 3, b"x"), Forbidden)
     ok(store.complete_update(update.id, "t", NOW + 4, "failed", 0, blob("replayed", 2)))
     # The materialised state is version N; the batches are gone.

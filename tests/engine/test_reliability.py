@@ -661,3 +661,25 @@ def test_two_nodes_prune_once_per_interval(env: Env) -> None:
     assert ok(other.apply_retention()) == {}
     env.clock.advance(env.backend.config.retention_interval)
     assert ok(other.apply_retention())["unstarted"] == 0
+
+
+def test_alternating_nodes_read_only_the_batches_they_missed(env: Env) -> None:
+    """Behind round robin each node is one batch behind: it reads that one, not the journal."""
+    other = _second_node(env)
+    ref, update, token = _journaling(env)
+    reads: list[tuple[str, int]] = []
+    real = env.store.get_journal
+
+    def counting(update_id: str, after: int = 0) -> Any:
+        reads.append((update_id, after))
+        return real(update_id, after=after)
+
+    env.store.get_journal = counting  # type: ignore[method-assign]
+    nodes = [env.backend, other]
+    for n in range(10):
+        body = entries_body(*created(1 + 2 * n, n + 1, item(f"n{n}")))
+        ok(nodes[n % 2].journal_entries(ref, update.id, token, body, body))
+    # Each node built its replayer once (from batch 0) and then caught up one batch at a time.
+    assert reads == [(update.id, after) for after in (0, 0, 1, 2, 3, 4, 5, 6, 7, 8)]
+    ok(other.complete(ref, update.id, token, "succeeded"))
+    assert sorted(urns(exported(env, ref))) == sorted(item(f"n{n}") for n in range(10))
