@@ -55,7 +55,7 @@ INSERT_STACK = (
 
 
 class SchemaTooNew(Exception):
-    pass
+    """The database was migrated by a newer pulumid."""
 
 
 class Cursor(Protocol):
@@ -73,7 +73,9 @@ class Connection(Protocol):
 
 
 class SQLStore:
-    # A store with concurrent writers catches this where a name can be taken meanwhile.
+    """The Store operations; a subclass supplies the connection and the hooks below."""
+
+    # What a statement that breaks a UNIQUE constraint raises.
     unique_violation: ClassVar[type[Exception]]
     # Tags are read for at most this many stacks per statement.
     in_batch: ClassVar[int]
