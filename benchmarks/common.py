@@ -3,6 +3,8 @@
 Artifacts (the `pulumi` CLI, the YAML language host, the test provider, MinIO) are the ones
 the end-to-end tests use, cached under ${PULUMID_CACHE:-~/.cache/pulumid}. A missing one is
 an error (`BenchmarkError`) that names the command that builds it; nothing is skipped.
+PostgreSQL is the installed one (scripts/install-postgres.sh), run by the tests' harness
+(tests/postgres.py) with its durability settings restored.
 """
 
 from __future__ import annotations
@@ -34,11 +36,15 @@ from tests.e2e.helpers import (
     run_build_script,
     yaml_host_path,
 )
+from tests.postgres import INSTALL as POSTGRES_INSTALL
+from tests.postgres import PostgresError, PostgresServer, find_bin_dir
 
 __all__ = [
     "CACHE",
     "REPO",
     "BenchmarkError",
+    "BenchmarkPostgres",
+    "PostgresError",
     "Server",
     "build_minio",
     "build_provider",
@@ -49,6 +55,7 @@ __all__ = [
     "minio_server",
     "new_token",
     "port_ready",
+    "postgres_server",
     "pulumid_server",
     "yaml_host_dir",
 ]
@@ -244,15 +251,20 @@ def pulumid_server(
     *,
     port: int,
     token: str,
-    database: Path | None = None,
+    database: Path | str | None = None,
     source: Path = REPO,
     org: str = "acme",
     user: str = "alice",
     extra_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    master_key: str | None = None,
+    name: str = "pulumid",
 ) -> Server:
-    """`twistd -n pulumid` on 127.0.0.1:PORT; the database defaults to WORKDIR/pulumid.sqlite
-    (a fresh one if the file does not exist); the log is WORKDIR/pulumid.log. SOURCE is the
-    source tree whose `pulumid` package runs (put first on PYTHONPATH; default: this one)."""
+    """`twistd -n pulumid` on 127.0.0.1:PORT; the database (a SQLite path or a postgresql://
+    URL) defaults to WORKDIR/pulumid.sqlite (a fresh one if the file does not exist); the log
+    is WORKDIR/NAME.log. SOURCE is the source tree whose `pulumid` package runs (put first on
+    PYTHONPATH; default: this one). ENV is added to the clean environment (the S3 blob store
+    takes its credentials from there); MASTER_KEY defaults to a new random one."""
     if not TWISTD.is_file():
         raise BenchmarkError(f"{TWISTD} is missing (install pulumid into this venv)")
     command = [
@@ -267,19 +279,22 @@ def pulumid_server(
         "--token",
         token,
         "--master-key",
-        secrets.token_hex(32),
+        master_key or secrets.token_hex(32),
         "--organization",
         org,
         "--user",
         user,
         *extra_args,
     ]
-    env = clean_environment()
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(source), env.get("PYTHONPATH", "")) if p)
+    environment = clean_environment()
+    environment.update(env or {})
+    environment["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(source), environment.get("PYTHONPATH", "")) if p
+    )
     ready = http_ready(
         f"http://127.0.0.1:{port}/api/capabilities", {"Authorization": f"token {token}"}
     )
-    return Server("pulumid", command, workdir, ready, env)
+    return Server(name, command, workdir, ready, environment)
 
 
 def minio_server(
@@ -306,6 +321,42 @@ def minio_server(
     ]
     ready = http_ready(f"http://127.0.0.1:{port}/minio/health/live")
     return Server("minio", command, workdir, ready, env)
+
+
+class BenchmarkPostgres(PostgresServer):
+    """The tests' throwaway PostgreSQL server, but durable: the test harness turns fsync and
+    synchronous commits off, while the SQLite backend it is compared with fsyncs every commit
+    (the default since issue 13). Shared buffers are PostgreSQL's default (the harness uses
+    32 MB); the rest (loopback TCP, scram-sha-256 with a generated password) is unchanged."""
+
+    SETTINGS = (
+        "fsync = on",
+        "full_page_writes = on",
+        "synchronous_commit = on",
+        "shared_buffers = 128MB",
+    )
+
+    def _configure(self) -> None:
+        super()._configure()
+        # Appended after the harness's lines, so these win.
+        with (self.data_dir / "postgresql.auto.conf").open("a") as out:
+            out.write("\n".join(self.SETTINGS) + "\n")
+
+
+def postgres_server() -> BenchmarkPostgres:
+    """A BenchmarkPostgres on the newest installed PostgreSQL (not started yet)."""
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        raise BenchmarkError(
+            f"PostgreSQL server binaries (initdb) not found; install: {POSTGRES_INSTALL}"
+        )
+    for tool in ("initdb", "pg_ctl", "postgres", "createdb"):
+        if not os.access(bin_dir / tool, os.X_OK):
+            raise BenchmarkError(f"{bin_dir / tool} is missing; install: {POSTGRES_INSTALL}")
+    try:
+        return BenchmarkPostgres(bin_dir)
+    except PostgresError as exc:
+        raise BenchmarkError(str(exc)) from exc
 
 
 def positive_ints(text: str) -> list[int]:

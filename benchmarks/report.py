@@ -175,10 +175,15 @@ def machine_lines(meta: Mapping[str, Any]) -> list[str]:
         f"pulumi CLI {versions.get('cli', '?')}, "
         f"pulumi-language-yaml {versions.get('yaml', '?')}, "
         f"Python {versions.get('python', '?')}"
-        + (f", MinIO {versions['minio']}" if versions.get("minio") else ""),
+        + (f", MinIO {versions['minio']}" if versions.get("minio") else "")
+        + (f", PostgreSQL {versions['postgresql']}" if versions.get("postgresql") else "")
+        + (f", HAProxy {versions['haproxy']}" if versions.get("haproxy") else ""),
         f"- Workload: {meta.get('workload', '?')}",
         f"- Command: `{meta.get('command', '?')}`",
     ]
+    settings = meta.get("postgresql_settings") or []
+    if settings:
+        lines.append(f"- PostgreSQL settings: `{'`, `'.join(settings)}`")
     peers = meta.get("peers") or {}
     lines += [f"- Peer `{name}`: `{command}`" for name, command in peers.items()]
     return lines

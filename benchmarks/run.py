@@ -17,6 +17,11 @@ Workload (the same for every backend): a YAML program of N independent
 Backends:
 
     pulumid   a fresh `twistd pulumid` (new database) per run, logged in with a token
+    pulumid-pg     pulumid with its metadata in PostgreSQL (one durable server per harness
+              run, a fresh database per backend run) and its blobs inline (opt-in)
+    pulumid-pg-s3  the same with its blobs in MinIO (a fresh prefix per backend run; opt-in)
+    pulumid-3nodes three pulumid-pg-s3 nodes on one database and prefix behind HAProxy,
+              round robin per request (tests/cluster/harness.py; opt-in)
     file      the CLI's own file:// backend (a fresh directory per run)
     s3        the CLI's s3:// backend against a local MinIO (a fresh bucket per run)
     floor     file:// with PULUMI_SKIP_CHECKPOINTS=true: no intermediate checkpoints at all
@@ -40,6 +45,7 @@ import datetime
 import json
 import os
 import platform
+import secrets
 import shlex
 import shutil
 import signal
@@ -52,11 +58,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
+import pytest
+from psycopg import sql
+
 from benchmarks.common import (
     MINIO_PASSWORD,
     MINIO_USER,
     REPO,
     BenchmarkError,
+    BenchmarkPostgres,
+    PostgresError,
     Server,
     build_minio,
     build_provider,
@@ -68,6 +80,7 @@ from benchmarks.common import (
     new_token,
     port_ready,
     positive_ints,
+    postgres_server,
     pulumid_server,
     yaml_host_dir,
 )
@@ -82,16 +95,32 @@ from benchmarks.report import (
     write_meta,
     write_reports,
 )
+from tests.cluster.harness import HAProxy, haproxy_binary
 from tests.e2e.helpers import YAML_HOST_VERSION
 from tests.e2e.programs import write_yaml_program
 
 OPERATIONS = ("create", "noop-1", "noop-2", "add-2", "export", "destroy")
-BUILTIN_BACKENDS = ("pulumid", "pulumid-nosync", "pulumid-batch5", "file", "s3", "floor")
+BUILTIN_BACKENDS = (
+    "pulumid",
+    "pulumid-nosync",
+    "pulumid-batch5",
+    "pulumid-pg",
+    "pulumid-pg-s3",
+    "pulumid-3nodes",
+    "file",
+    "s3",
+    "floor",
+)
 # What runs unless --backends says otherwise. Opt-in diagnostics: pulumid-nosync (no fsync
 # per commit: what durability against power loss costs) and pulumid-batch5, where the CLI
 # flushes journal batches every 5 ms instead of its default 50 ms: it shows how much of
-# pulumid's time is the CLI waiting for its own batching.
+# pulumid's time is the CLI waiting for its own batching. Opt-in too: pulumid-pg,
+# pulumid-pg-s3 and pulumid-3nodes, which need PostgreSQL (and HAProxy) installed and compare
+# pulumid's storage layouts with each other rather than pulumid with the CLI's own backends.
 DEFAULT_BACKENDS = ("pulumid", "file", "s3", "floor")
+POSTGRES_BACKENDS = ("pulumid-pg", "pulumid-pg-s3", "pulumid-3nodes")
+MINIO_BACKENDS = ("s3", "pulumid-pg-s3", "pulumid-3nodes")
+CLUSTER_NODES = 3
 DEFAULT_SIZES = (10, 200, 600)
 DEFAULT_CLI_VERSION = "3.259.0"
 PAYLOAD_SIZE = 16384
@@ -99,6 +128,7 @@ ADDED = 2
 PROJECT = "bench"
 STACK = "dev"
 PASSPHRASE = "pulumid-benchmark"
+BLOB_BUCKET = "pulumid-blobs"
 WORKLOAD = (
     "N independent pulumidtest:index:Item resources with a 16 KB payload each (YAML program); "
     "create, no-op up, no-op up, add 2 resources, stack export, destroy"
@@ -131,6 +161,9 @@ class Backend:
 
 
 class PulumidBackend(Backend):
+    """A fresh pulumid per run: SQLite in the run's directory by default; with POSTGRES, a
+    fresh database on that server; with MINIO, blobs under a fresh prefix of its bucket."""
+
     name = "pulumid"
 
     def __init__(
@@ -139,22 +172,38 @@ class PulumidBackend(Backend):
         name: str = "pulumid",
         extra_args: Sequence[str] = (),
         cli_env: Mapping[str, str] | None = None,
+        postgres: Postgres | None = None,
+        minio: Minio | None = None,
     ) -> None:
         self.source = source
         self.name = name
         self.extra_args = tuple(extra_args)
         self.cli_env = dict(cli_env or {})
+        self.postgres = postgres
+        self.minio = minio
         self.server: Server | None = None
+        self.database: str | None = None
 
     def open(self, workdir: Path, logs: Path) -> Target:
         port, token = free_port(), new_token()
+        database: Path | str = workdir / "pulumid.sqlite"
+        args = list(self.extra_args)
+        env: dict[str, str] = {}
+        if self.postgres is not None:
+            self.database = self.postgres.create_database()
+            database = self.postgres.url(self.database)
+        if self.minio is not None:
+            prefix = f"{self.name}-{uuid.uuid4().hex[:16]}"
+            args += ["--blob-store", self.minio.blob_store_url(prefix)]
+            env.update(self.minio.credentials())
         self.server = pulumid_server(
             logs,
             port=port,
             token=token,
-            database=workdir / "pulumid.sqlite",
+            database=database,
             source=self.source,
-            extra_args=self.extra_args,
+            extra_args=args,
+            env=env,
         ).start()
         return Target(f"http://127.0.0.1:{port}", {"PULUMI_ACCESS_TOKEN": token, **self.cli_env})
 
@@ -162,6 +211,66 @@ class PulumidBackend(Backend):
         if self.server is not None:
             self.server.stop()
             self.server = None
+        # Untimed: the next run starts from an equally empty server.
+        if self.postgres is not None and self.database is not None:
+            self.postgres.drop_database(self.database)
+            self.database = None
+
+
+class ClusterBackend(Backend):
+    """NODES pulumid nodes per run, each started as PulumidBackend starts one, sharing a fresh
+    database, a fresh blob prefix, the token and the master key, with HAProxy in front (round
+    robin per request, health checks every 250 ms): what a multi-node deployment costs one
+    CLI, against pulumid-pg-s3."""
+
+    def __init__(
+        self, source: Path, postgres: Postgres, minio: Minio, nodes: int, name: str
+    ) -> None:
+        self.source = source
+        self.postgres = postgres
+        self.minio = minio
+        self.nodes = nodes
+        self.name = name
+        self.servers: list[Server] = []
+        self.proxy: HAProxy | None = None
+        self.database: str | None = None
+
+    def open(self, workdir: Path, logs: Path) -> Target:
+        token, master_key = new_token(), secrets.token_hex(32)
+        self.database = self.postgres.create_database()
+        blob_store = self.minio.blob_store_url(f"{self.name}-{uuid.uuid4().hex[:16]}")
+        ports = [free_port() for _ in range(self.nodes)]
+        # One after the other: the first node creates the schema, the others find it.
+        for index, port in enumerate(ports):
+            server = pulumid_server(
+                logs,
+                port=port,
+                token=token,
+                database=self.postgres.url(self.database),
+                source=self.source,
+                extra_args=["--blob-store", blob_store],
+                env=self.minio.credentials(),
+                master_key=master_key,
+                name=f"pulumid-node{index}",
+            )
+            self.servers.append(server.start())
+        backends = [(f"node{index}", port) for index, port in enumerate(ports)]
+        try:
+            self.proxy = HAProxy(haproxy_binary(), logs, backends, token).start()
+        except pytest.fail.Exception as exc:  # the harness is pytest's; this is not
+            raise BenchmarkError(str(exc)) from None
+        return Target(self.proxy.url, {"PULUMI_ACCESS_TOKEN": token})
+
+    def close(self) -> None:
+        if self.proxy is not None:
+            self.proxy.stop()
+            self.proxy = None
+        for server in self.servers:
+            server.stop()
+        self.servers = []
+        if self.database is not None:
+            self.postgres.drop_database(self.database)
+            self.database = None
 
 
 class FileBackend(Backend):
@@ -187,6 +296,7 @@ class Minio:
         self.server: Server | None = None
         self.port = 0
         self.binary: Path | None = None
+        self._blob_bucket = False
 
     def start(self) -> None:
         if self.server is not None:
@@ -221,8 +331,91 @@ class Minio:
         )
         client.create_bucket(Bucket=name)
 
+    def blob_store_url(self, prefix: str) -> str:
+        """pulumid's --blob-store: PREFIX in the one bucket for pulumid's blobs."""
+        self.start()
+        if not self._blob_bucket:
+            self.create_bucket(BLOB_BUCKET)
+            self._blob_bucket = True
+        return (
+            f"s3://{BLOB_BUCKET}/{prefix}?endpoint={self.endpoint}&region=us-east-1&path_style=true"
+        )
+
+    @staticmethod
+    def credentials() -> dict[str, str]:
+        """For boto3's default chain, and nothing from this machine's AWS setup."""
+        return {
+            "AWS_ACCESS_KEY_ID": MINIO_USER,
+            "AWS_SECRET_ACCESS_KEY": MINIO_PASSWORD,
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
     def stop(self) -> None:
         if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+class Postgres:
+    """One PostgreSQL server for the whole run (started on first use), a database per backend
+    run, dropped after it."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.server: BenchmarkPostgres | None = None
+        self.version: str | None = None
+        # As the running server reports them, for the run's metadata.
+        self.settings: dict[str, str] = {}
+
+    def start(self) -> None:
+        if self.server is not None:
+            return
+        server = postgres_server()
+        try:
+            server.start()
+        except PostgresError as exc:
+            raise BenchmarkError(f"could not start PostgreSQL: {exc}") from exc
+        self.server = server
+        self.version = str(self._execute(sql.SQL("SHOW server_version"), fetch=True))
+        for name in ("fsync", "synchronous_commit", "full_page_writes", "shared_buffers"):
+            query = sql.SQL("SELECT current_setting({})").format(sql.Literal(name))
+            self.settings[name] = str(self._execute(query, fetch=True))
+
+    def _execute(self, statement: sql.SQL | sql.Composed, *, fetch: bool = False) -> object:
+        assert self.server is not None
+        try:
+            # Autocommit: CREATE and DROP DATABASE cannot run inside a transaction.
+            with psycopg.connect(self.server.dsn, autocommit=True) as conn:
+                cursor = conn.execute(statement)
+                row = cursor.fetchone() if fetch else None
+        except psycopg.Error as exc:
+            raise BenchmarkError(f"PostgreSQL: {statement.as_string()}: {exc}") from exc
+        return row[0] if row else None
+
+    def create_database(self) -> str:
+        self.start()
+        name = f"bench_{uuid.uuid4().hex[:16]}"
+        self._execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        return name
+
+    def drop_database(self, name: str) -> None:
+        if self.server is not None:
+            drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+            self._execute(drop.format(sql.Identifier(name)))
+
+    def url(self, database: str) -> str:
+        assert self.server is not None
+        s = self.server
+        return f"postgresql://{s.user}:{s.password}@{s.host}:{s.port}/{database}"
+
+    def stop(self) -> None:
+        if self.server is not None:
+            # Its directory goes with it; keep the log with the run's others.
+            self.logs.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                shutil.copyfile(self.server.log_file, self.logs / "postgres.log")
             self.server.stop()
             self.server = None
 
@@ -524,7 +717,26 @@ def _pulumid_version(source: Path) -> str:
     return f"git {described}" if proc.returncode == 0 and described else str(source)
 
 
-def _meta(args: argparse.Namespace, backends: Sequence[str], minio: Path | None) -> dict[str, Any]:
+def _haproxy_version() -> str:
+    """HAProxy's version ("2.6.12-1+deb12u4"); a BenchmarkError when it is missing."""
+    try:
+        binary = haproxy_binary()
+    except pytest.fail.Exception as exc:
+        raise BenchmarkError(str(exc)) from None
+    proc = subprocess.run(
+        [str(binary), "-v"], capture_output=True, text=True, timeout=30, check=False
+    )
+    words = proc.stdout.split()
+    return words[2] if len(words) > 2 and words[:2] == ["HAProxy", "version"] else "?"
+
+
+def _meta(
+    args: argparse.Namespace,
+    backends: Sequence[str],
+    minio: Path | None,
+    postgres: Postgres,
+    haproxy: str | None,
+) -> dict[str, Any]:
     argv = ["python", "-m", "benchmarks.run", *sys.argv[1:]]
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -535,7 +747,10 @@ def _meta(args: argparse.Namespace, backends: Sequence[str], minio: Path | None)
             "python": platform.python_version(),
             "pulumid": _pulumid_version(args.pulumid_source.resolve()),
             "minio": minio.parent.name if minio is not None else None,
+            "postgresql": postgres.version,
+            "haproxy": haproxy,
         },
+        "postgresql_settings": [f"{k} = {v}" for k, v in postgres.settings.items()],
         "workload": WORKLOAD,
         "command": shlex.join(argv),
         "sizes": list(args.sizes),
@@ -546,7 +761,11 @@ def _meta(args: argparse.Namespace, backends: Sequence[str], minio: Path | None)
 
 
 def _make_backends(
-    names: Sequence[str], peers: Sequence[tuple[str, str]], minio: Minio, source: Path
+    names: Sequence[str],
+    peers: Sequence[tuple[str, str]],
+    minio: Minio,
+    postgres: Postgres,
+    source: Path,
 ) -> list[Backend]:
     made: list[Backend] = []
     for name in names:
@@ -558,6 +777,12 @@ def _make_backends(
             made.append(
                 PulumidBackend(source, name, cli_env={"PULUMI_JOURNALING_BATCH_PERIOD": "5"})
             )
+        elif name == "pulumid-pg":
+            made.append(PulumidBackend(source, name, postgres=postgres))
+        elif name == "pulumid-pg-s3":
+            made.append(PulumidBackend(source, name, postgres=postgres, minio=minio))
+        elif name == "pulumid-3nodes":
+            made.append(ClusterBackend(source, postgres, minio, CLUSTER_NODES, name))
         elif name == "file":
             made.append(FileBackend("file", skip_checkpoints=False))
         elif name == "floor":
@@ -596,27 +821,34 @@ def run(args: argparse.Namespace) -> int:
     if logs.exists():
         shutil.rmtree(logs)
     minio = Minio(work / "minio", logs / "minio")
-    backends = _make_backends(args.backends, args.peer, minio, args.pulumid_source.resolve())
-    if "s3" in args.backends:
-        minio.start()  # fail early (and build it) rather than after the first backends ran
-    meta = _meta(args, [b.name for b in backends], minio.binary)
-    write_meta(out / "meta.json", meta)
+    postgres = Postgres(logs / "postgres")
+    backends = _make_backends(
+        args.backends, args.peer, minio, postgres, args.pulumid_source.resolve()
+    )
     measurements: list[Measurement] = []
     failures: list[str] = []
 
     def record(m: Measurement) -> None:
         measurements.append(m)
         print(
-            f"{m.backend:>10}  N={m.size:<5} repeat {m.repeat}  {m.operation:<8} {m.seconds:9.3f}s",
+            f"{m.backend:>14}  N={m.size:<5} repeat {m.repeat}  {m.operation:<8} {m.seconds:9.3f}s",
             flush=True,
         )
 
-    print(
-        f"pulumi CLI {args.cli_version}, sizes {args.sizes}, backends "
-        f"{[b.name for b in backends]}, {args.repeats} repeat(s); output in {out}",
-        flush=True,
-    )
     try:
+        # Fail early (and build MinIO) rather than after the first backends ran.
+        if any(name in MINIO_BACKENDS for name in args.backends):
+            minio.start()
+        if any(name in POSTGRES_BACKENDS for name in args.backends):
+            postgres.start()
+        haproxy = _haproxy_version() if "pulumid-3nodes" in args.backends else None
+        meta = _meta(args, [b.name for b in backends], minio.binary, postgres, haproxy)
+        write_meta(out / "meta.json", meta)
+        print(
+            f"pulumi CLI {args.cli_version}, sizes {args.sizes}, backends "
+            f"{[b.name for b in backends]}, {args.repeats} repeat(s); output in {out}",
+            flush=True,
+        )
         for size in args.sizes:
             for repeat in range(1, args.repeats + 1):
                 # Rotate the order per repeat so no backend always runs first or last.
@@ -635,7 +867,7 @@ def run(args: argparse.Namespace) -> int:
                         )
                     except BenchmarkError as exc:
                         failures.append(f"{backend.name} N={size} repeat {repeat}: {exc}")
-                        print(f"{backend.name:>10}  N={size:<5} FAILED: {exc}", flush=True)
+                        print(f"{backend.name:>14}  N={size:<5} FAILED: {exc}", flush=True)
                     finally:
                         if not args.keep:
                             shutil.rmtree(run_dir, ignore_errors=True)
@@ -643,6 +875,7 @@ def run(args: argparse.Namespace) -> int:
                     write_csv(out / "measurements.csv", measurements)
     finally:
         minio.stop()
+        postgres.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     if measurements:

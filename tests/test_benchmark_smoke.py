@@ -1,13 +1,16 @@
 """Smoke tests of the benchmarks (benchmarks/): they run end to end at a tiny size.
 
-The harness runs the real CLI against all four backends (pulumid, file, s3 on a local MinIO,
-and the floor); a missing artifact (CLI, YAML host, MinIO) makes it exit non-zero, which
-fails here: nothing is skipped. No time is asserted.
+The harness runs the real CLI against every built-in backend (the pulumid variants, including
+pulumid on PostgreSQL, on PostgreSQL with MinIO blobs, and three such nodes behind HAProxy,
+file, s3 on a local MinIO, and the floor); a missing artifact (CLI, YAML host, MinIO, an
+installed PostgreSQL or HAProxy) makes it exit non-zero, which fails here: nothing is skipped.
+No time is asserted.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -59,6 +62,7 @@ def test_harness_runs_every_backend_and_writes_reports(tmp_path: Path) -> None:
             ",".join(BUILTIN_BACKENDS),
             "--out",
             str(out),
+            "--keep",
         ],
         timeout=2400,
     )
@@ -77,6 +81,30 @@ def test_harness_runs_every_backend_and_writes_reports(tmp_path: Path) -> None:
     assert (out / "benchmarks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A progress line per operation.
     assert proc.stdout.count("N=2 ") >= len(expected)
+
+    # The PostgreSQL backends kept nothing in SQLite, pulumid-pg-s3 and pulumid-3nodes put
+    # their blobs in MinIO (pulumid-pg inline), the three nodes all served the CLI, and the
+    # run says which PostgreSQL it used, durable like the SQLite it is compared with.
+    work = out / "work"
+    assert (work / "pulumid-2-1" / "pulumid.sqlite").is_file()
+    for backend in ("pulumid-pg", "pulumid-pg-s3", "pulumid-3nodes"):
+        assert not list((work / f"{backend}-2-1").glob("pulumid.sqlite*"))
+    prefixes = list((work / "minio" / "data" / "pulumid-blobs").iterdir())
+    assert sorted(p.name.rsplit("-", 1)[0] for p in prefixes) == [
+        "pulumid-3nodes",
+        "pulumid-pg-s3",
+    ]
+    assert all(list(prefix.iterdir()) for prefix in prefixes)
+    proxied = (out / "logs" / "pulumid-3nodes-2-1" / "haproxy.log").read_text()
+    for node in ("node0", "node1", "node2"):
+        assert f"node={node} status=200" in proxied
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["versions"]["postgresql"]
+    assert "fsync = on" in meta["postgresql_settings"]
+    assert "synchronous_commit = on" in meta["postgresql_settings"]
+    assert meta["versions"]["haproxy"]
+    assert "PostgreSQL" in table
+    assert (out / "logs" / "postgres" / "postgres.log").is_file()
 
     # The docs section is generated from a run's output (into a copy of the page here).
     page, chart = tmp_path / "benchmarks.md", tmp_path / "benchmarks.png"
