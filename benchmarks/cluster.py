@@ -39,6 +39,7 @@ from benchmarks.common import (
     MINIO_PASSWORD,
     MINIO_USER,
     BenchmarkError,
+    PostgresError,
     build_minio,
     build_provider,
     free_port,
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             s3.stop()
             pg.stop()
-    except (BenchmarkError, pytest.fail.Exception) as error:
+    except (BenchmarkError, PostgresError, pytest.fail.Exception) as error:
         print(f"benchmark failed: {error}\n(logs under {root})", file=sys.stderr)
         return 1
     print()
