@@ -48,7 +48,7 @@ from benchmarks.common import (
     postgres_server,
     yaml_host_dir,
 )
-from tests.cluster.harness import Cluster, cluster_cli, cluster_project, create_database
+from tests.cluster.harness import Cluster, cluster_cli, cluster_project
 from tests.e2e.helpers import Background, PulumiCLI, resources
 from tests.e2e.programs import ITEM_TYPE
 from tests.minio import BUCKET, s3_url
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                     nodes,
                     args,
                     root / f"nodes{nodes}",
-                    create_database(pg, "bench"),
+                    pg.create_database("bench"),
                     s3_url(endpoint, f"bench-{uuid.uuid4().hex[:12]}"),
                     provider_dir,
                     yaml_dir,

@@ -29,10 +29,12 @@ import signal
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from tests.e2e.helpers import free_port
@@ -128,10 +130,27 @@ class PostgresServer:
     @property
     def url(self) -> str:
         """The same as a postgresql:// URL (the password is URL-safe)."""
+        return self.url_of(self.database)
+
+    def url_of(self, database: str) -> str:
+        """A postgresql:// URL for DATABASE on this server (password authentication)."""
         return (
-            f"postgresql://{self.user}:{self.password}@{self.host}:{self.port}/{self.database}"
+            f"postgresql://{self.user}:{self.password}@{self.host}:{self.port}/{database}"
             "?connect_timeout=10"
         )
+
+    def create_database(self, prefix: str) -> str:
+        """A new empty database named PREFIX_<random>; its postgresql:// URL."""
+        name = f"{prefix}_{uuid.uuid4().hex[:16]}"
+        with psycopg.connect(self.dsn, autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+        return self.url_of(name)
+
+    def drop_database(self, url: str) -> None:
+        """Drop the database URL names (from create_database), closing its sessions."""
+        name = url.rsplit("/", 1)[1].split("?", 1)[0]
+        with psycopg.connect(self.dsn, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def _run(self, *args: str | Path, timeout: float = COMMAND_TIMEOUT) -> str:
         """Run a server command as the server's user; raise PostgresError on failure."""

@@ -256,24 +256,11 @@ def quiet_source(tmp_path_factory: pytest.TempPathFactory) -> Source:
 # -- engines --------------------------------------------------------------------------------
 
 
-def _url(server: PostgresServer, database: str) -> str:
-    return (
-        f"postgresql://{server.user}:{server.password}@{server.host}:{server.port}/{database}"
-        "?connect_timeout=10"
-    )
-
-
 @pytest.fixture
 def new_database(postgres_server: PostgresServer) -> Callable[[], str]:
     """A factory of empty PostgreSQL databases, as postgresql:// URLs."""
 
-    def make() -> str:
-        name = "port_" + uuid.uuid4().hex[:16]
-        with psycopg.connect(postgres_server.dsn, autocommit=True) as admin:
-            admin.execute(f'CREATE DATABASE "{name}"')
-        return _url(postgres_server, name)
-
-    return make
+    return lambda: postgres_server.create_database("port")
 
 
 @pytest.fixture

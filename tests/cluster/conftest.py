@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.harness import Cluster, create_database, drop_database, haproxy_binary
+from tests.cluster.harness import Cluster, haproxy_binary
 from tests.e2e.conftest import CLI_VERSIONS, make_cli, make_project, provider_dir, yaml_host_dir
 from tests.minio import aws_env, minio_endpoint, s3_url
 from tests.postgres import PostgresServer, postgres_server
@@ -56,7 +56,7 @@ def start_cluster(
     request.node.stash[_CLUSTERS] = started
 
     def start(size: int = 3, **flags: object) -> Cluster:
-        database = create_database(postgres_server)
+        database = postgres_server.create_database("cluster")
         databases.append(database)
         prefix = f"cluster-{uuid.uuid4().hex[:12]}"
         cluster = Cluster(
@@ -73,7 +73,7 @@ def start_cluster(
     for cluster in started:
         cluster.stop()
     for database in databases:
-        drop_database(postgres_server, database)
+        postgres_server.drop_database(database)
 
 
 @pytest.hookimpl(wrapper=True)

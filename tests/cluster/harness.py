@@ -36,19 +36,16 @@ import shutil
 import subprocess
 import time
 import urllib.request
-import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import psycopg
 import pytest
 
 from tests.e2e.helpers import Daemon, PulumiCLI, cli_binary, cli_environment, free_port
 from tests.e2e.programs import write_yaml_program
-from tests.postgres import PostgresServer
 
 HAPROXY_INSTALL = "bash scripts/install-haproxy.sh  (as root: apt-get install -y haproxy)"
 
@@ -312,23 +309,6 @@ frontend stats
 
 # --------------------------------------------------------------------------------------------
 # The cluster
-
-
-def create_database(server: PostgresServer, prefix: str = "cluster") -> str:
-    """A new empty database on SERVER; its postgresql:// URL (password authentication)."""
-    name = f"{prefix}_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(server.dsn, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    return (
-        f"postgresql://{server.user}:{server.password}@{server.host}:{server.port}/{name}"
-        "?connect_timeout=10"
-    )
-
-
-def drop_database(server: PostgresServer, url: str) -> None:
-    name = url.rsplit("/", 1)[1].split("?", 1)[0]
-    with psycopg.connect(server.dsn, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @dataclass

@@ -26,7 +26,6 @@ from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
 from tests.e2e.helpers import (
@@ -106,16 +105,10 @@ def storage_flags(storage: str, request: pytest.FixtureRequest) -> Callable[[], 
 
     def flags() -> dict[str, str]:
         made: dict[str, str] = {}
-        name = "e2e_" + uuid.uuid4().hex[:16]
         if server is not None:
-            with psycopg.connect(server.dsn, autocommit=True) as admin:
-                admin.execute(f'CREATE DATABASE "{name}"')
-            made["database"] = (
-                f"postgresql://{server.user}:{server.password}@{server.host}:{server.port}"
-                f"/{name}?connect_timeout=10"
-            )
+            made["database"] = server.create_database("e2e")
         if endpoint is not None:
-            made["blob_store"] = s3_url(endpoint, name.replace("_", "-"))
+            made["blob_store"] = s3_url(endpoint, "e2e-" + uuid.uuid4().hex[:16])
         return made
 
     return flags
