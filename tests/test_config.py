@@ -245,3 +245,32 @@ def test_absent_master_key_is_generated_once(
 def test_missing_secret_file_is_a_usage_error(tmp_path: Path, flag: str) -> None:
     with pytest.raises(UsageError):
         parse("--token", TOKEN, flag, str(tmp_path / "absent"))
+
+
+def test_storage_options() -> None:
+    url = "postgresql://pulumid:pw@127.0.0.1:5432/pulumid"
+    config = parse("--token", TOKEN, "--database", url, "--master-key", "a" * 64)
+    assert config.postgres and config.database == url
+    assert config.blob_store == "inline" and config.db_pool_size == 4
+    assert parse(
+        "--token", TOKEN, "--database", "host=db dbname=p", "--master-key", "a" * 64
+    ).postgres
+    s3 = "s3://pulumid-state/prod?endpoint=http://127.0.0.1:9000&path_style=true"
+    assert parse("--token", TOKEN, "--blob-store", s3, "--db-pool-size", "8").blob_store == s3
+    # Nodes on one database must share the master key: a generated one would differ.
+    with pytest.raises(UsageError, match="same secrets master key"):
+        parse("--token", TOKEN, "--database", url)
+    for bad, message in (
+        ("s3://x", "not a valid S3 bucket name"),
+        ("s3://bucket/../up", "bad prefix"),
+        ("s3://user:pw@bucket", "takes no user"),
+        ("gs://bucket", "must start with s3://"),
+        ("s3://bucket?colour=red", "unknown option"),
+    ):
+        with pytest.raises(UsageError, match=f"--blob-store: .*{message}"):
+            parse("--token", TOKEN, "--blob-store", bad)
+    for size in ("0", "-1", "many"):
+        with pytest.raises(UsageError):
+            parse("--token", TOKEN, "--db-pool-size", size)
+    with pytest.raises(UsageError, match="--database"):
+        parse("--token", TOKEN, "--database", "  ")
