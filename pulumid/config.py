@@ -19,6 +19,43 @@ _OWNER = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9-_]{1,38}[a-zA-Z0-9]$")
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
+AUTH_MODES = ("single-tenant", "oidc", "google", "jwt")
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Who may sign in and how (pulumid.auth); single-tenant needs none of it."""
+
+    mode: str = "single-tenant"
+    rbac_config: str = ""
+    trusted_proxies: str = ""
+    audit_log: str = ""
+    audit_retention_days: float = 365.0
+    username_claim: str = "email"
+    groups_claim: str = "groups"
+    # jwt mode: one of secret / public key / JWKS URL verifies the tokens.
+    jwt_secret: str = ""
+    jwt_public_key: str = ""
+    jwt_jwks_url: str = ""
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwt_leeway: float = 30.0
+    # oidc and google modes.
+    oidc_issuer: str = ""
+    oidc_client_id: str = ""
+    oidc_client_secret: str = ""
+    oidc_scopes: str = "openid email profile"
+    oidc_allowed_domains: str = ""
+    oidc_recheck_interval: float = 900.0
+    public_url: str = ""
+    cli_token_days: float = 30.0
+    google_hosted_domains: str = ""
+
+    @property
+    def multi_user(self) -> bool:
+        return self.mode != "single-tenant"
+
+
 @dataclass(frozen=True)
 class Config:
     listen: tuple[str, ...] = ("tcp:8080:interface=127.0.0.1",)
@@ -46,6 +83,7 @@ class Config:
     retention_interval: float = 3600.0
     # Fault points at the storage seam (tests only; env PULUMID_TEST_FAULTS, no flag).
     test_faults: str = ""
+    auth: AuthConfig = AuthConfig()
 
     @property
     def postgres(self) -> bool:
@@ -189,6 +227,76 @@ _PARAMETERS: list[tuple[str, Any, Callable[[str], Any] | None, str]] = [
         _positive_float,
         "Seconds between retention sweeps",
     ),
+    # -- who may sign in (pulumid.auth) --
+    (
+        "auth-mode",
+        "single-tenant",
+        None,
+        "single-tenant (one shared token), oidc, google or jwt (people and machines, RBAC)",
+    ),
+    ("rbac-config", None, None, "The RBAC YAML file (required by the multi-user modes)"),
+    (
+        "trusted-proxies",
+        "",
+        None,
+        "Comma-separated CIDRs of proxies whose X-Forwarded-For / X-Real-IP are believed",
+    ),
+    ("audit-log", "", None, "Also write audit events as JSON lines to stdout, stderr or a file"),
+    (
+        "audit-retention-days",
+        365.0,
+        _non_negative_float,
+        "Days audit events are kept in the database (0 keeps them forever)",
+    ),
+    ("username-claim", "email", None, "The ID token / JWT claim that names the user"),
+    ("groups-claim", "groups", None, "The ID token / JWT claim that lists the user's groups"),
+    ("jwt-secret", None, None, "jwt mode: the HMAC secret that signs the tokens"),
+    ("jwt-secret-file", None, None, "Read the HMAC secret from this file instead"),
+    ("jwt-public-key-file", None, None, "jwt mode: PEM public key (RSA or ECDSA) of the signer"),
+    ("jwt-jwks-url", None, None, "jwt mode: the signer's JWKS URL (keys refetched on rotation)"),
+    ("jwt-issuer", None, None, "jwt mode: the required `iss`"),
+    ("jwt-audience", None, None, "jwt mode: the required `aud`"),
+    ("jwt-leeway", 30.0, _non_negative_float, "Seconds of clock skew allowed on exp/nbf/iat"),
+    ("oidc-issuer", None, None, "oidc mode: the provider's issuer URL (discovery is read)"),
+    ("oidc-client-id", None, None, "oidc/google modes: the client ID registered at the provider"),
+    ("oidc-client-secret", None, None, "oidc/google modes: the client secret"),
+    ("oidc-client-secret-file", None, None, "Read the client secret from this file instead"),
+    (
+        "oidc-scopes",
+        "openid email profile",
+        None,
+        "Scopes asked for (space-separated); offline_access is added to get a refresh token",
+    ),
+    (
+        "oidc-allowed-domains",
+        "",
+        None,
+        "Comma-separated email domains allowed to sign in (empty: any)",
+    ),
+    (
+        "oidc-recheck-interval",
+        900.0,
+        _positive_float,
+        "Seconds between checks with the provider that a signed-in user may still sign in",
+    ),
+    (
+        "public-url",
+        None,
+        None,
+        "The URL users reach pulumid at (e.g. https://pulumi.example.com): sign-in redirects",
+    ),
+    (
+        "cli-token-days",
+        30.0,
+        _positive_float,
+        "Days a token minted by the browser login lives",
+    ),
+    (
+        "google-hosted-domains",
+        "",
+        None,
+        "google mode: comma-separated Workspace domains (`hd` claim) allowed to sign in",
+    ),
 ]
 
 
@@ -304,12 +412,19 @@ def build_config(opts: usage.Options | dict[str, Any]) -> Config:
     if not listen:
         env_listen = os.environ.get(env_name("listen"), "tcp:8080:interface=127.0.0.1")
         listen = [part.strip() for part in env_listen.split(",") if part.strip()]
-    token = _secret(opts, "token")
-    if not token:
+    auth = _auth_config(opts)
+    token = _secret(opts, "token") or ""
+    if auth.multi_user:
+        if token:
+            raise usage.UsageError(
+                f"--auth-mode {auth.mode} has no shared token: remove --token / --token-file "
+                "(PULUMID_TOKEN / PULUMID_TOKEN_FILE); people sign in, machines use their tokens"
+            )
+    elif not token:
         raise usage.UsageError(
             "an access token is required: pass --token (or --token-file), or set PULUMID_TOKEN"
         )
-    if len(token) < 8:
+    elif len(token) < 8:
         raise usage.UsageError("the access token must be at least 8 characters long")
     master_key = _secret(opts, "master-key")
     if master_key is not None and not _HEX64.match(master_key):
@@ -358,7 +473,97 @@ def build_config(opts: usage.Options | dict[str, Any]) -> Config:
         update_retention_days=float(opts["update-retention-days"]),
         retention_interval=float(opts["retention-interval"]),
         test_faults=_faults(),
+        auth=auth,
     )
+
+
+def _text(opts: usage.Options | dict[str, Any], name: str) -> str:
+    value = opts.get(name)
+    return "" if value is None else str(value).strip()
+
+
+def _auth_config(opts: usage.Options | dict[str, Any]) -> AuthConfig:
+    mode = _text(opts, "auth-mode") or "single-tenant"
+    if mode not in AUTH_MODES:
+        raise usage.UsageError(f"--auth-mode must be one of {', '.join(AUTH_MODES)}, not {mode!r}")
+    auth = AuthConfig(
+        mode=mode,
+        rbac_config=_text(opts, "rbac-config"),
+        trusted_proxies=_text(opts, "trusted-proxies"),
+        audit_log=_text(opts, "audit-log"),
+        audit_retention_days=float(opts.get("audit-retention-days", 365.0)),
+        username_claim=_text(opts, "username-claim") or "email",
+        groups_claim=_text(opts, "groups-claim") or "groups",
+        jwt_secret=_secret(opts, "jwt-secret") or "",
+        jwt_public_key=_read_file("jwt-public-key-file", _text(opts, "jwt-public-key-file"))
+        if _text(opts, "jwt-public-key-file")
+        else "",
+        jwt_jwks_url=_text(opts, "jwt-jwks-url"),
+        jwt_issuer=_text(opts, "jwt-issuer"),
+        jwt_audience=_text(opts, "jwt-audience"),
+        jwt_leeway=float(opts.get("jwt-leeway", 30.0)),
+        oidc_issuer=_text(opts, "oidc-issuer").rstrip("/"),
+        oidc_client_id=_text(opts, "oidc-client-id"),
+        oidc_client_secret=_secret(opts, "oidc-client-secret") or "",
+        oidc_scopes=_text(opts, "oidc-scopes") or "openid email profile",
+        oidc_allowed_domains=_text(opts, "oidc-allowed-domains"),
+        oidc_recheck_interval=float(opts.get("oidc-recheck-interval", 900.0)),
+        public_url=_text(opts, "public-url").rstrip("/"),
+        cli_token_days=float(opts.get("cli-token-days", 30.0)),
+        google_hosted_domains=_text(opts, "google-hosted-domains"),
+    )
+    _check_auth(auth)
+    return auth
+
+
+def _check_auth(auth: AuthConfig) -> None:
+    from pulumid.auth.service import parse_networks
+
+    try:
+        parse_networks(auth.trusted_proxies)
+    except ValueError as e:
+        raise usage.UsageError(f"--trusted-proxies: {e}") from None
+    if not auth.multi_user:
+        return
+    if not auth.rbac_config:
+        raise usage.UsageError(
+            f"--auth-mode {auth.mode} needs --rbac-config (PULUMID_RBAC_CONFIG): the YAML file "
+            "that says who may do what (see conf/rbac.yaml); without it nobody could"
+        )
+    from pulumid.auth.rbac import PolicyError, load_policy
+
+    try:
+        load_policy(Path(auth.rbac_config))
+    except PolicyError as e:
+        raise usage.UsageError(str(e)) from None
+    if auth.mode == "jwt":
+        keys = [bool(auth.jwt_secret), bool(auth.jwt_public_key), bool(auth.jwt_jwks_url)]
+        if sum(keys) != 1:
+            raise usage.UsageError(
+                "--auth-mode jwt needs exactly one of --jwt-secret(-file), "
+                "--jwt-public-key-file or --jwt-jwks-url"
+            )
+        if auth.jwt_secret and len(auth.jwt_secret) < 32:
+            raise usage.UsageError("--jwt-secret must be at least 32 characters long")
+    if auth.mode in ("oidc", "google"):
+        missing = [
+            flag
+            for flag, value in (
+                ("--oidc-issuer", auth.oidc_issuer or auth.mode == "google"),
+                ("--oidc-client-id", auth.oidc_client_id),
+                ("--oidc-client-secret", auth.oidc_client_secret),
+                ("--public-url", auth.public_url),
+            )
+            if not value
+        ]
+        if missing:
+            raise usage.UsageError(f"--auth-mode {auth.mode} needs {', '.join(missing)}")
+        if not auth.public_url.startswith(("http://", "https://")):
+            raise usage.UsageError("--public-url must start with http:// or https://")
+    if auth.mode == "google" and not auth.google_hosted_domains:
+        raise usage.UsageError(
+            "--auth-mode google needs --google-hosted-domains: the Workspace domains allowed"
+        )
 
 
 def _faults() -> str:

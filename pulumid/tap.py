@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, cast
 
 from twisted.application import service, strports
@@ -16,11 +17,19 @@ from twisted.web.server import Site
 from pulumid.api.app import API
 from pulumid.api.gate import Gate
 from pulumid.api.http import limited_request_factory
-from pulumid.config import Config, Options
+from pulumid.auth.access import Access, PolicyHolder
+from pulumid.auth.authn import Authenticator
+from pulumid.auth.exchange import TokenExchange
+from pulumid.auth.jwt import JWKSKeys, JWTVerifier, StaticKey, fetch_json, principal_of
+from pulumid.auth.principal import Principal
+from pulumid.auth.rbac import Policy, PolicyReloader, load_policy
+from pulumid.auth.service import Auth, parse_networks
+from pulumid.config import AuthConfig, Config, Options
 from pulumid.engine.backend import Backend
 from pulumid.engine.events import EventWriter
 from pulumid.engine.inflight import InFlight
 from pulumid.engine.secrets import MasterKeyMismatch, StackSecrets
+from pulumid.ops.audit import AuditDestination, AuditTrail
 from pulumid.secrets.crypto import MasterKey
 from pulumid.services.timers import SafeTimer
 from pulumid.storage.blobs import S3Blobs
@@ -37,13 +46,17 @@ BLOB_THREADS = 8
 
 
 class _StoreService(service.Service):
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    """Closes the store; added before the thread pools, so it stops after they have joined
+    (and with them any write still queued, such as audit rows)."""
+
+    def __init__(self) -> None:
+        self.store: Store | None = None
         self.setName("storage")
 
     def stopService(self) -> None:
         super().stopService()
-        self.store.close()
+        if self.store is not None:
+            self.store.close()
 
 
 def _master_key(config: Config) -> MasterKey:
@@ -118,10 +131,11 @@ def make_backend(config: Config, reactor: Any) -> tuple[service.MultiService, Ba
         if failures[0].check(MasterKeyMismatch):
             raise usage.UsageError(str(failures[0].value))
         failures[0].raiseException()
+    storage = _StoreService()
+    storage.setServiceParent(top)
     db.setServiceParent(top)
     cpu.setServiceParent(top)
-    store = _open_blobs(config, meta, top, reactor)
-    _StoreService(store).setServiceParent(top)
+    store = storage.store = _open_blobs(config, meta, top, reactor)
     secrets = StackSecrets(store, master, cpu)
     events = EventWriter(store)
     inflight = InFlight(store, cpu, reactor, config.max_body_size, config.inflight_memory)
@@ -139,7 +153,60 @@ def make_backend(config: Config, reactor: Any) -> tuple[service.MultiService, Ba
             clock=reactor,
             now=False,
         ).setServiceParent(top)
+    backend.auth = make_auth(config, backend, reactor, top)
     return top, backend
+
+
+def make_auth(config: Config, backend: Backend, reactor: Any, top: service.MultiService) -> Auth:
+    """Authentication, the RBAC policy (reloaded on SIGHUP), the audit trail, their timers."""
+    settings = config.auth
+    policy = load_policy(Path(settings.rbac_config)) if settings.multi_user else Policy()
+    holder = PolicyHolder(policy)
+    if settings.multi_user:
+        backend.organizations = lambda: list(holder.policy.organizations)
+        PolicyReloader(holder, Path(settings.rbac_config)).setServiceParent(top)
+    authenticator = Authenticator(
+        backend.store,
+        reactor,
+        site_token=config.token,
+        site_login=config.user,
+        multi_user=settings.multi_user,
+        jwt_check=_jwt_check(settings, reactor) if settings.mode == "jwt" else None,
+    )
+    auth = Auth(
+        mode=settings.mode,
+        authenticator=authenticator,
+        access=Access(holder),
+        audit=AuditTrail(backend.store, reactor),
+        trusted_proxies=parse_networks(settings.trusted_proxies),
+        exchange=TokenExchange(lambda: holder.policy, backend.store, reactor, fetch_json),
+    )
+    SafeTimer(
+        "token-last-used", 60.0, authenticator.flush_last_used, clock=reactor, now=False
+    ).setServiceParent(top)
+    if settings.audit_log:
+        AuditDestination(settings.audit_log).setServiceParent(top)
+    return auth
+
+
+def _jwt_check(settings: AuthConfig, reactor: Any) -> Any:
+    keys: StaticKey | JWKSKeys
+    if settings.jwt_secret:
+        keys = StaticKey.secret(settings.jwt_secret)
+    elif settings.jwt_public_key:
+        keys = StaticKey.public(settings.jwt_public_key)
+    else:
+        keys = JWKSKeys(settings.jwt_jwks_url, fetch_json, reactor)
+    verifier = JWTVerifier(
+        keys, reactor, settings.jwt_issuer, settings.jwt_audience, settings.jwt_leeway
+    )
+
+    async def check(token: str) -> Principal:
+        claims = await verifier.verify(token)
+        principal: Principal = principal_of(claims, settings.username_claim, settings.groups_claim)
+        return principal
+
+    return lambda token: Deferred.fromCoroutine(check(token))
 
 
 async def collect_blobs(store: BlobbedStore, backend: Backend) -> int:
@@ -156,10 +223,9 @@ async def collect_blobs(store: BlobbedStore, backend: Backend) -> int:
 
 def make_site(backend: Backend) -> Site:
     config = backend.config
-    site = Site(API(backend).resource())
-    site.requestFactory = limited_request_factory(
-        config.max_body_size, Gate(config.token, backend.store)
-    )
+    auth: Auth = backend.auth
+    site = Site(API(backend, auth).resource())
+    site.requestFactory = limited_request_factory(config.max_body_size, Gate(auth.authenticator))
     site.displayTracebacks = False
     return site
 

@@ -27,7 +27,13 @@ from pulumid.storage import sqlite as lite
 from pulumid.storage.blobs import BlobStore, S3Blobs
 from pulumid.storage.interface import Store
 from pulumid.storage.postgres import PostgresStore
-from pulumid.storage.rows import STACK_COLUMNS, UPDATE_COLUMNS
+from pulumid.storage.rows import (
+    AUDIT_COLUMNS,
+    IDENTITY_COLUMNS,
+    STACK_COLUMNS,
+    TOKEN_COLUMNS,
+    UPDATE_COLUMNS,
+)
 from pulumid.storage.split import BlobbedStore
 from pulumid.storage.sqlite import SQLiteStore
 from pulumid.threads import InlineRunner
@@ -53,7 +59,9 @@ class Table:
     kind: str = ""  # blob key kind, as BlobbedStore names them
     owner: str = ""  # column naming the owner segment of the blob key
     flags: tuple[str, ...] = ()  # BOOLEAN in PostgreSQL, 0/1 in SQLite
-    binary: tuple[str, ...] = ()  # BLOB / BYTEA
+    binary: tuple[str, ...] = ()  # BLOB / BYTEA, or NULL
+    # `id` is handed out by the database: the destination goes on after the source's last.
+    serial: bool = False
 
 
 def _columns(spec: str) -> tuple[str, ...]:
@@ -62,7 +70,7 @@ def _columns(spec: str) -> tuple[str, ...]:
 
 # In foreign key order. BlobbedStore keys states by stack, journal batches and deltas by update.
 TABLES = (
-    Table("stacks", _columns(STACK_COLUMNS), ("id",)),
+    Table("stacks", _columns(STACK_COLUMNS), ("id",), serial=True),
     Table("stack_tags", ("stack_id", "name", "value"), ("stack_id", "name")),
     Table("stack_aliases", ("org", "project", "name", "stack_id"), ("org", "project", "name")),
     Table("stack_keys", ("stack_id", "wrapped"), ("stack_id",), binary=("wrapped",)),
@@ -95,6 +103,15 @@ TABLES = (
         owner="update_id",
         binary=("body",),
     ),
+    Table(
+        "identities",
+        _columns(IDENTITY_COLUMNS),
+        ("login",),
+        flags=("disabled",),
+        binary=("refresh_token",),
+    ),
+    Table("access_tokens", _columns(TOKEN_COLUMNS), ("id",)),
+    Table("audit_events", _columns(AUDIT_COLUMNS), ("id",), flags=("auth_failure",), serial=True),
 )
 
 
@@ -179,12 +196,12 @@ class Database(ABC):
         raise NotImplementedError
 
     @abstractmethod
-    def stack_id_floor(self) -> int:
-        """The highest stack id ever handed out (deleted stacks' ids are not reused)."""
+    def id_floor(self, table: str) -> int:
+        """The highest id of TABLE ever handed out (deleted rows' ids are not reused)."""
         raise NotImplementedError
 
     @abstractmethod
-    def raise_stack_id_floor(self, floor: int) -> None:
+    def raise_id_floor(self, table: str, floor: int) -> None:
         raise NotImplementedError
 
     @abstractmethod
@@ -210,9 +227,9 @@ class Database(ABC):
         return rows[0][0] if rows else None
 
     def is_empty(self) -> bool:
-        return not self.rows(
-            "SELECT 1 WHERE EXISTS (SELECT 1 FROM stacks) OR EXISTS (SELECT 1 FROM updates)"
-        )
+        """No row in any table that is ported (meta and claims may be there)."""
+        exists = " OR ".join(f"EXISTS (SELECT 1 FROM {table.name})" for table in TABLES)
+        return not self.rows(f"SELECT 1 WHERE {exists}")
 
     def meta(self) -> dict[str, bytes]:
         return {
@@ -289,18 +306,18 @@ class SQLiteDatabase(Database):
     def upsert_meta(self, key: str, value: bytes) -> None:
         self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
-    def stack_id_floor(self) -> int:
-        return int(self.scalar("SELECT seq FROM sqlite_sequence WHERE name = 'stacks'") or 0)
+    def id_floor(self, table: str) -> int:
+        return int(self.scalar("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)) or 0)
 
-    def raise_stack_id_floor(self, floor: int) -> None:
+    def raise_id_floor(self, table: str, floor: int) -> None:
         # Inserting explicit ids already raised it to the largest id; a floor above that
-        # comes from stacks deleted on the source.
+        # comes from rows deleted on the source.
         updated = self.conn.execute(
-            "UPDATE sqlite_sequence SET seq = ? WHERE name = 'stacks' AND seq < ?", (floor, floor)
+            "UPDATE sqlite_sequence SET seq = ? WHERE name = ? AND seq < ?", (floor, table, floor)
         ).rowcount
-        if not updated and floor > 0 and self.stack_id_floor() < floor:
+        if not updated and floor > 0 and self.id_floor(table) < floor:
             self.conn.execute(
-                "INSERT INTO sqlite_sequence (name, seq) VALUES ('stacks', ?)", (floor,)
+                "INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table, floor)
             )
 
     def commit(self) -> None:
@@ -404,7 +421,10 @@ class PostgresDatabase(Database):
     def begin_write(self) -> None:
         self.conn.autocommit = False
         # Nodes started on the destination meanwhile wait instead of writing beside the port.
-        self.conn.execute("LOCK TABLE stacks, updates IN SHARE ROW EXCLUSIVE MODE")
+        self.conn.execute(
+            "LOCK TABLE stacks, updates, identities, access_tokens, audit_events "
+            "IN SHARE ROW EXCLUSIVE MODE"
+        )
 
     def insert(self, table: Table, rows: list[tuple[Any, ...]]) -> None:
         with (
@@ -421,18 +441,19 @@ class PostgresDatabase(Database):
             (key, value),
         )
 
-    def stack_id_floor(self) -> int:
+    def id_floor(self, table: str) -> int:
         last = self.scalar(
-            "SELECT pg_sequence_last_value(pg_get_serial_sequence('stacks', 'id')::regclass)"
+            "SELECT pg_sequence_last_value(pg_get_serial_sequence(%s, 'id')::regclass)", (table,)
         )
         return int(last or 0)
 
-    def raise_stack_id_floor(self, floor: int) -> None:
-        top = max(floor, int(self.scalar("SELECT COALESCE(MAX(id), 0) FROM stacks")))
-        # setval(n, true): the next stack gets n + 1; (1, false): it gets 1.
+    def raise_id_floor(self, table: str, floor: int) -> None:
+        # COPY with explicit ids leaves the sequence where it was: set it past them.
+        top = max(floor, int(self.scalar(f"SELECT COALESCE(MAX(id), 0) FROM {table}")))
+        # setval(n, true): the next row gets n + 1; (1, false): it gets 1.
         self.conn.execute(
-            "SELECT setval(pg_get_serial_sequence('stacks', 'id'), %s, %s)",
-            (max(top, 1), top > 0),
+            "SELECT setval(pg_get_serial_sequence(%s, 'id'), %s, %s)",
+            (table, max(top, 1), top > 0),
         )
 
     def commit(self) -> None:

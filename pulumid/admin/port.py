@@ -10,7 +10,8 @@ shared: each database's blob collection deletes what its own rows do not referen
 
 Verification reads both sides through the Store seam, as the daemon would, and compares every
 stack: its record, every stored state version (decompressed), its history, the events of each
-update, journals and deltas of running updates; plus the row counts of every table.
+update, journals and deltas of running updates; identities, access tokens and each
+organization's audit trail; and the row counts of every table.
 
 The tool is synchronous: the stores run on InlineRunner, so each Deferred has fired when the
 call returns. Blob transfers, and the stacks being verified, run on a few threads at once.
@@ -51,7 +52,7 @@ from pulumid.config import is_postgres
 from pulumid.errors import PulumidError
 from pulumid.storage.blobs import parse_s3_url
 from pulumid.storage.interface import Store
-from pulumid.storage.records import StackRecord, StateBlob, UpdateRecord
+from pulumid.storage.records import AuditRecord, StackRecord, StateBlob, UpdateRecord
 from pulumid.storage.split import REF, is_ref, new_key
 
 ROW_BATCH = 1000
@@ -66,6 +67,7 @@ VERIFY_THREADS = 8
 VERIFY_CHUNK = 64
 STACK_PAGE = 500
 EVENT_PAGE = 1000
+AUDIT_PAGE = 1000
 PROGRESS_SECONDS = 5.0
 # Differences printed in full; the rest are only counted.
 SHOWN_DIFFERENCES = 200
@@ -93,7 +95,7 @@ class Copier:
     def run(self) -> None:
         src, dst = self.source.db, self.dest.db
         meta = src.meta()
-        floor = src.stack_id_floor()
+        floors = {table.name: src.id_floor(table.name) for table in TABLES if table.serial}
         pool = (
             ThreadPoolExecutor(BLOB_THREADS, thread_name_prefix="port-blobs")
             if self.source.blobs is not None or self.dest.blobs is not None
@@ -102,7 +104,7 @@ class Copier:
         dst.begin_write()
         try:
             if not dst.is_empty():
-                raise AdminError(f"{dst.where} got stacks or updates while porting; stop there")
+                raise AdminError(f"{dst.where} got data while porting: stop whatever writes to it")
             replaced = [k for k, v in dst.meta().items() if k in meta and meta[k] != v]
             for key, value in meta.items():
                 dst.upsert_meta(key, value)
@@ -111,7 +113,8 @@ class Copier:
             self._say(f"  {'meta':<18} {len(meta):>10} rows")
             for table in TABLES:
                 self._copy(table, pool)
-            dst.raise_stack_id_floor(floor)
+            for name, floor in floors.items():
+                dst.raise_id_floor(name, floor)
             dst.commit()
         except BaseException as error:
             dst.rollback()
@@ -143,14 +146,15 @@ class Copier:
                 for i in flags:
                     values[i] = bool(values[i]) if to_pg else int(bool(values[i]))
                 for i in binary:
-                    values[i] = as_bytes(values[i])
+                    if values[i] is not None:
+                        values[i] = as_bytes(values[i])
                 rows.append(tuple(values))
             if table.blob:
                 # Resolved as fetched: a reference's bytes are only known once read.
                 rows, moved = self._move_blobs(table, rows, pool)
                 size += moved
             for row in rows:
-                held = sum(len(row[i]) for i in binary)
+                held = sum(len(row[i]) for i in binary if row[i] is not None)
                 pending_bytes += held
                 if not table.blob:
                     size += held
@@ -263,7 +267,9 @@ class Verifier:
         self.dest = dest
         self.out = out
         self.differences: list[str] = []
-        self.totals = dict.fromkeys(("stacks", "states", "updates", "events"), 0)
+        self.totals = dict.fromkeys(
+            ("stacks", "states", "updates", "events", "identities", "tokens", "audit"), 0
+        )
         self._lock = threading.Lock()
 
     def _differ(self, text: str) -> None:
@@ -295,6 +301,9 @@ class Verifier:
                     self.out.write(f"  verified {self.totals['stacks']} stacks so far\n")
                     self.out.flush()
         self._unstarted(src_store, dst_store)
+        self._identities(src_store, dst_store)
+        self._tokens(src_store, dst_store)
+        self._audit(src_store, dst_store)
         return self.differences
 
     def _pair(self, pair: tuple[StackRecord | None, StackRecord | None]) -> None:
@@ -403,6 +412,59 @@ class Verifier:
         for update_id in sorted(ids):
             if result(src.get_update(update_id)) != result(dst.get_update(update_id)):
                 self._differ(f"not-started update {update_id} differs")
+
+    def _identities(self, src: Store, dst: Store) -> None:
+        a = {i.login: i for i in result(src.list_identities())}
+        b = {i.login: i for i in result(dst.list_identities())}
+        self._count("identities", len(a))
+        self._by_key("identity", a, b)
+
+    def _tokens(self, src: Store, dst: Store) -> None:
+        a = {t.id: t for t in result(src.list_tokens(None))}
+        b = {t.id: t for t in result(dst.list_tokens(None))}
+        self._count("tokens", len(a))
+        self._by_key("access token", a, b)
+
+    def _by_key(self, what: str, a: dict[str, Any], b: dict[str, Any]) -> None:
+        """Records of both sides by their key: each one missing or different is named."""
+        for key in sorted(set(a) | set(b)):
+            x, y = a.get(key), b.get(key)
+            if x is None or y is None:
+                side = "destination" if x is None else "source"
+                self._differ(f"{what} {key}: only on the {side}")
+                continue
+            for field in fields(x):
+                if getattr(x, field.name) != getattr(y, field.name):
+                    self._differ(f"{what} {key}: {field.name} differs")
+
+    def _audit(self, src: Store, dst: Store) -> None:
+        """Each organization's audit trail, page by page, newest first (ids are kept)."""
+        query = "SELECT DISTINCT org FROM audit_events"
+        orgs = {row[0] for row in self.source.db.rows(query)}
+        orgs |= {row[0] for row in self.dest.db.rows(query)}
+        for org in sorted(orgs):
+            before = 0
+            while True:
+                a = result(src.list_audit_events(org, None, None, None, None, before, AUDIT_PAGE))
+                b = result(dst.list_audit_events(org, None, None, None, None, before, AUDIT_PAGE))
+                self._count("audit", len(a))
+                if a != b:
+                    self._differ(f"audit events of {org}: {_first_audit_difference(a, b)}")
+                    break
+                if len(a) < AUDIT_PAGE:
+                    break
+                before = a[-1].id
+
+
+def _first_audit_difference(a: list[AuditRecord], b: list[AuditRecord]) -> str:
+    for x, y in zip(a, b, strict=False):
+        if x.id != y.id:
+            newer, side = (x, "source") if x.id > y.id else (y, "destination")
+            return f"event {newer.id} is only on the {side}"
+        if x != y:
+            return f"event {x.id} differs"
+    longer, side = (a, "source") if len(a) > len(b) else (b, "destination")
+    return f"event {longer[min(len(a), len(b))].id} is only on the {side}"
 
 
 def _history_order(update: UpdateRecord) -> tuple[int, float, str]:
@@ -544,8 +606,9 @@ def port(options: PortOptions, out: IO[str]) -> int:
         totals = verifier.totals
         out.write(
             f"verified {totals['stacks']} stacks, {totals['states']} state versions, "
-            f"{totals['updates']} updates, {totals['events']} events "
-            f"in {time.monotonic() - started:.1f}s: "
+            f"{totals['updates']} updates, {totals['events']} events, "
+            f"{totals['identities']} identities, {totals['tokens']} access tokens, "
+            f"{totals['audit']} audit events in {time.monotonic() - started:.1f}s: "
         )
         if differences:
             out.write(f"{len(differences)} DIFFERENCES (see above)\n")
@@ -572,8 +635,9 @@ def _reason(error: Exception) -> str:
 def _copy(source: Side, dest: Side, options: PortOptions, out: IO[str]) -> None:
     if not dest.db.is_empty():
         raise AdminError(
-            f"{dest.db.where} already has stacks or updates: port only into a new, empty "
-            "database (drop and recreate it, or give another one)"
+            f"{dest.db.where} already has stacks or updates (or identities, access tokens, "
+            "audit events): port only into a new, empty database (drop and recreate it, or "
+            "give another one)"
         )
     source.db.begin_snapshot()
     try:

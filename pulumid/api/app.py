@@ -7,10 +7,12 @@ werkzeug's NotFound reaches the shared error handler and becomes a JSON 404.
 from __future__ import annotations
 
 from pulumid.api.identity import IdentityRoutes
+from pulumid.api.orgs import OrgRoutes
 from pulumid.api.secrets import SecretRoutes
 from pulumid.api.stacks import StackRoutes
+from pulumid.api.tokens import TokenRoutes
 from pulumid.api.updates import UpdateRoutes
 
 
-class API(IdentityRoutes, StackRoutes, SecretRoutes, UpdateRoutes):
+class API(IdentityRoutes, StackRoutes, SecretRoutes, UpdateRoutes, TokenRoutes, OrgRoutes):
     """Every route of the API, over one Backend."""

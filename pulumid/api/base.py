@@ -6,7 +6,8 @@ routes on the same Klein app; pulumid.api.app composes them into one API.
 
 from __future__ import annotations
 
-import hmac
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -16,8 +17,11 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
 from pulumid.api.http import INLINE_LIMIT, error_response, read_object
+from pulumid.auth.access import Need
+from pulumid.auth.principal import Principal
+from pulumid.auth.service import Auth
 from pulumid.engine.backend import Backend, parse_bounded_int
-from pulumid.errors import BadRequest, Forbidden, Unauthorized
+from pulumid.errors import BadRequest, Forbidden, PulumidError, Unauthorized
 
 T = TypeVar("T")
 
@@ -34,16 +38,39 @@ STATUS = {
 }
 
 app = Klein()
+H = TypeVar("H", bound=Callable[..., Any])
+
+# Every route, by endpoint name: what it needs (pulumid.auth.access). Tests walk it.
+NEEDS: dict[str, Need] = {}
+
+
+def route(path: str, method: str, need: Need) -> Callable[[H], H]:
+    """Route METHOD PATH to the handler once the caller has been authorized for NEED.
+
+    The need is declared here, at the route; Access decides, in one place, for every route.
+    """
+
+    def decorate(handler: H) -> H:
+        @functools.wraps(handler)
+        async def guarded(self: Routes, request: IRequest, **params: str) -> Any:
+            return await self._run(handler, need, request, params)
+
+        endpoint = f"{handler.__name__}:{method}"
+        NEEDS[endpoint] = need
+        app.route(path, methods=[method], endpoint=endpoint)(guarded)
+        return guarded  # type: ignore[return-value]
+
+    return decorate
 
 
 class Routes:
     app = app
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, auth: Auth) -> None:
         self.backend = backend
         self.config = backend.config
         self.cpu = backend.cpu
-        self._token = backend.config.token.encode()
+        self.auth = auth
 
     def resource(self) -> IResource:
         return self.app.resource()
@@ -56,25 +83,67 @@ class Routes:
 
     # -- auth -----------------------------------------------------------------------------
 
-    def _authorization(self, request: IRequest, scheme: str) -> str:
-        header = request.getHeader("authorization") or ""
-        given_scheme, _, value = header.partition(" ")
-        if given_scheme.lower() != scheme or not value.strip():
-            if scheme == "update-token":
-                raise Unauthorized("Unauthorized: an update token is required")
-            raise Unauthorized("Unauthorized: No credentials provided or are invalid.")
-        return value.strip()
+    async def _run(
+        self, handler: Callable[..., Any], need: Need, request: IRequest, params: dict[str, str]
+    ) -> Any:
+        auth = self.auth
+        principal: Principal | None = None
+        if need.scope not in ("public", "update"):
+            try:
+                principal = await auth.authenticator.principal(request)
+                auth.access.decide(principal, need, params)
+            except PulumidError as e:
+                self._audit(request, principal, need.action or "access", params, e.status)
+                raise
+        result = handler(self, request, **params)
+        if not need.action:
+            return await result if inspect.isawaitable(result) else result
+        try:
+            result = await result if inspect.isawaitable(result) else result
+        except Exception as e:
+            status = e.status if isinstance(e, PulumidError) else 500
+            self._audit(request, principal, need.action, params, status)
+            raise
+        self._audit(request, principal, need.action, params, getattr(request, "code", 200))
+        return result
 
-    def _user(self, request: IRequest) -> None:
-        token = self._authorization(request, "token")
-        if not hmac.compare_digest(token.encode(), self._token):
+    def _audit(
+        self,
+        request: IRequest,
+        principal: Principal | None,
+        action: str,
+        params: dict[str, str],
+        status: int,
+        description: str = "",
+    ) -> None:
+        org = params.get("org", "")
+        parts = [params[k] for k in ("org", "project", "stack") if k in params]
+        resource = "/".join(parts) or request.path.decode("utf-8", "replace")
+        self.auth.audit.record(
+            org=org,
+            actor=principal.login if principal else "",
+            action=action,
+            resource=resource,
+            status=status,
+            client_ip=self.auth.client_ip(request),
+            description=description,
+            auth_failure=status == 401,
+        )
+
+    @staticmethod
+    def principal(request: IRequest) -> Principal:
+        """The caller that the route's need admitted (routes that need a signed-in caller)."""
+        found: Principal | None = getattr(request, "principal", None)
+        if found is None:
             raise Unauthorized("Unauthorized: No credentials provided or are invalid.")
+        return found
 
     def _update_token(self, request: IRequest) -> str:
-        try:
-            return self._authorization(request, "update-token")
-        except Unauthorized:
-            raise Forbidden("Forbidden: an update token is required") from None
+        header = request.getHeader("authorization") or ""
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "update-token" or not value.strip():
+            raise Forbidden("Forbidden: an update token is required")
+        return value.strip()
 
     async def _body(self, request: IRequest) -> dict[str, Any]:
         return await read_object(request, self.cpu, self.config.max_body_size)

@@ -1,61 +1,54 @@
 """The door: credentials are checked from the headers, before a request body is read.
 
-A request that carries a body must present a credential that is valid somewhere: the access
-token, or the token of an update (running or ended: the handler tells them apart). Otherwise
-its body is discarded as it arrives (it costs no memory or disk) and the handler answers the
-error. The handler still
-makes the full check (this update, this stack, a live lease); the gate only keeps strangers
-from making the daemon buffer, decompress or parse anything.
+A request that carries a body must present a credential that is valid somewhere: an access
+token of any kind, or the token of an update (running or ended: the handler tells them
+apart). Otherwise its body is discarded as it arrives (it costs no memory or disk) and the
+handler answers the error. The caller found here is kept on the request, so the route's own
+check (pulumid.auth.access) does not authenticate twice. A few public routes take small
+bodies without credentials (the token exchange).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.web.http_headers import Headers
 
-from pulumid.auth.tokens import hash_token, same
-from pulumid.errors import Forbidden, PulumidError, Unauthorized
-from pulumid.storage.interface import Store
+from pulumid.auth.authn import Authenticator
+from pulumid.auth.principal import Principal
+from pulumid.errors import PulumidError, TooLarge
 
 Verdict = PulumidError | None
 
-NO_CREDENTIALS = "Unauthorized: No credentials provided or are invalid."
-BAD_UPDATE_TOKEN = "Forbidden: the update token is not valid for this update"
+# Routes that take a body from callers without credentials, and the most they may send.
+PUBLIC_BODIES = {b"/api/oauth/token": 64 * 1024}
 
 
 class Gate:
-    def __init__(self, user_token: str, store: Store, cache_size: int = 4096) -> None:
-        self._user_token = user_token
-        self._store = store
-        self._known: OrderedDict[str, None] = OrderedDict()  # hashes of update tokens
-        self._cache_size = cache_size
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._authenticator = authenticator
 
-    def check(self, headers: Headers) -> Verdict | Deferred[Verdict]:
+    def check(self, request: Any, length: int | None) -> Verdict | Deferred[Verdict]:
         """None to accept the body, the error to answer, or a Deferred of either."""
-        values = headers.getRawHeaders(b"authorization") or [b""]
-        scheme, _, value = values[0].decode("latin-1").partition(" ")
-        value = value.strip()
-        scheme = scheme.lower()
-        if scheme == "token" and value:
-            return None if same(value, self._user_token) else Unauthorized(NO_CREDENTIALS)
-        if scheme == "update-token" and value:
-            token_hash = hash_token(value)
-            if token_hash in self._known:
-                self._known.move_to_end(token_hash)
-                return None
-            return Deferred.fromCoroutine(self._look_up(token_hash))
-        return Unauthorized(NO_CREDENTIALS)
-
-    async def _look_up(self, token_hash: str) -> Verdict:
+        # The path is parsed only after the body; the channel has it from the request line.
+        path = getattr(getattr(request, "channel", None), "_path", b"") or b""
+        public_limit = PUBLIC_BODIES.get(path.split(b"?", 1)[0])
+        if public_limit is not None:
+            if length is not None and length > public_limit:
+                return TooLarge(f"Payload Too Large: the request body exceeds {public_limit} bytes")
+            return None
         try:
-            update = await self._store.find_update_by_token(token_hash)
+            outcome = self._authenticator.check(request.requestHeaders)
         except PulumidError as e:
             return e
-        if update is None:
-            return Forbidden(BAD_UPDATE_TOKEN)
-        self._known[token_hash] = None
-        while len(self._known) > self._cache_size:
-            self._known.popitem(last=False)
+        if isinstance(outcome, Deferred):
+            return Deferred.fromCoroutine(self._settle(request, outcome))
+        request.principal = outcome
+        return None
+
+    async def _settle(self, request: Any, outcome: Deferred[Principal]) -> Verdict:
+        try:
+            request.principal = await outcome
+        except PulumidError as e:
+            return e
         return None

@@ -16,6 +16,7 @@ from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException
 
 from pulumid.api.gate import Gate, Verdict
+from pulumid.auth.principal import Principal
 from pulumid.engine import deployments
 from pulumid.errors import BadRequest, PulumidError, TooLarge
 from pulumid.threads import Runner
@@ -36,6 +37,7 @@ class LimitedRequest(Request):
 
     max_body_size = 256 * 1024 * 1024
     gate: Gate | None = None
+    principal: Principal | None = None  # the caller, once authenticated
 
     def gotLength(self, length: int | None) -> None:
         self.body_too_large = length is not None and length > self.max_body_size
@@ -46,7 +48,7 @@ class LimitedRequest(Request):
         if self.body_too_large or length == 0 or self.gate is None:
             self._admit(None, length)
             return
-        outcome = self.gate.check(self.requestHeaders)
+        outcome = self.gate.check(self, length)
         if isinstance(outcome, Deferred):
             self._held = []
             self.content = BytesIO()
@@ -176,8 +178,8 @@ def error_response(request: IRequest, failure: Failure) -> bytes:
     """Map any failure to {"code", "message"}; internals never leak to the client."""
     error = failure.value
     if isinstance(error, PulumidError):
-        status, message = error.status, error.message
-    elif isinstance(error, HTTPException):
+        return json_response(request, error.body(), error.status)
+    if isinstance(error, HTTPException):
         status = error.code or 500
         phrase = http.RESPONSES.get(status, b"Error").decode()
         if status == 404:

@@ -6,14 +6,18 @@ from typing import Any
 
 from twisted.web.iweb import IRequest
 
-from pulumid.api.base import Routes, app
+from pulumid.api.base import Routes, route
 from pulumid.api.http import json_response
+from pulumid.auth.access import SIGNED_IN
+from pulumid.auth.principal import Principal
+from pulumid.auth.service import Auth
 from pulumid.engine.backend import Backend
+from pulumid.errors import NotFound
 
 
 class IdentityRoutes(Routes):
-    def __init__(self, backend: Backend) -> None:
-        super().__init__(backend)
+    def __init__(self, backend: Backend, auth: Auth) -> None:
+        super().__init__(backend, auth)
         self.capability_list: list[dict[str, Any]] = [
             {"capability": "batch-encrypt", "version": 1},
             {
@@ -31,40 +35,46 @@ class IdentityRoutes(Routes):
                 }
             )
 
-    @app.route("/api/user", methods=["GET"])
+    @route("/api/user", "GET", SIGNED_IN)
     def user(self, request: IRequest) -> bytes:
-        self._user(request)
-        org, user = self.config.organization, self.config.user
-        return json_response(
-            request,
-            {
-                "id": user,
-                "githubLogin": user,
-                "name": user,
-                "email": "",
-                "avatarUrl": "",
-                "organizations": [{"githubLogin": org, "name": org, "avatarUrl": ""}],
-                "identities": [],
-                "siteAdmin": False,
-            },
-        )
+        caller = self.principal(request)
+        orgs = self._organizations(caller)
+        body: dict[str, Any] = {
+            "id": caller.login,
+            "githubLogin": caller.login,
+            "name": caller.name or caller.login,
+            "email": caller.email,
+            "avatarUrl": "",
+            "organizations": [{"githubLogin": o, "name": o, "avatarUrl": ""} for o in orgs],
+            "identities": [],
+            "siteAdmin": self.auth.multi_user and self.auth.access.policy.is_site_admin(caller),
+        }
+        if caller.kind == "exchange":
+            # `whoami -v` shows "Token type: organization: <org>" and the token's name.
+            body["tokenInfo"] = {"name": caller.token_name, "organization": orgs[0] if orgs else ""}
+        return json_response(request, body)
 
-    @app.route("/api/user/organizations/default", methods=["GET"])
+    def _organizations(self, caller: Principal) -> list[str]:
+        if not self.auth.multi_user:
+            return [self.config.organization]
+        return self.auth.access.policy.organizations_of(caller)
+
+    @route("/api/user/organizations/default", "GET", SIGNED_IN)
     def default_org(self, request: IRequest) -> bytes:
-        self._user(request)
-        return json_response(request, {"GitHubLogin": self.config.organization, "Messages": []})
+        orgs = self._organizations(self.principal(request))
+        if not orgs:
+            # 404 is "no opinion" to the CLI: it falls back to the user's login.
+            raise NotFound("Not Found: you are not a member of any organization")
+        return json_response(request, {"GitHubLogin": orgs[0], "Messages": []})
 
-    @app.route("/api/capabilities", methods=["GET"])
+    @route("/api/capabilities", "GET", SIGNED_IN)
     def capabilities(self, request: IRequest) -> bytes:
-        self._user(request)
         return json_response(request, {"capabilities": self.capability_list})
 
-    @app.route("/api/registry/templates", methods=["GET"])
+    @route("/api/registry/templates", "GET", SIGNED_IN)
     def templates(self, request: IRequest) -> bytes:
-        self._user(request)
         return json_response(request, {"templates": [], "continuationToken": None})
 
-    @app.route("/api/registry/packages", methods=["GET"])
+    @route("/api/registry/packages", "GET", SIGNED_IN)
     def packages(self, request: IRequest) -> bytes:
-        self._user(request)
         return json_response(request, {"packages": [], "continuationToken": None})

@@ -6,29 +6,35 @@ from typing import Any
 
 from twisted.web.iweb import IRequest
 
-from pulumid.api.base import BASE, STATUS, Routes, app, int_arg, query, version_arg
+from pulumid.api.base import BASE, STATUS, Routes, int_arg, query, route, version_arg
 from pulumid.api.http import json_response, no_content, read_body
+from pulumid.auth.access import SIGNED_IN, org, stack
+from pulumid.auth.roles import Role
 from pulumid.engine import deployments
 from pulumid.errors import BadRequest, NotFound
 from pulumid.storage.records import StackRecord, StackRef, UpdateRecord
 
 
 class StackRoutes(Routes):
-    @app.route("/api/user/stacks", methods=["GET"])
+    @route("/api/user/stacks", "GET", SIGNED_IN)
     async def list_stacks(self, request: IRequest) -> bytes:
-        self._user(request)
         args = query(request)
+        caller = self.principal(request)
+        access = self.auth.access
         stacks, token = await self.backend.list_stacks(
             args.get("organization"),
             args.get("project"),
             args.get("tagName"),
             args.get("tagValue"),
             args.get("continuationToken"),
+            readable=access.policy.organizations_of(caller) if self.auth.multi_user else None,
         )
+        # Stack rules may hide single stacks of a readable organization.
+        visible = [s for s in stacks if access.may_read_stack(caller, s.org, s.project, s.name)]
         return json_response(
             request,
             {
-                "stacks": [self._summary(s) for s in stacks],
+                "stacks": [self._summary(s) for s in visible],
                 "continuationToken": token,
             },
         )
@@ -48,22 +54,19 @@ class StackRoutes(Routes):
             summary["resourceCount"] = stack.resource_count
         return summary
 
-    @app.route("/api/stacks/<org>/<project>", methods=["HEAD"])
+    @route("/api/stacks/<org>/<project>", "HEAD", org(Role.READ))
     async def project_exists(self, request: IRequest, org: str, project: str) -> bytes:
-        self._user(request)
         if not await self.backend.project_exists(org, project):
             raise NotFound(f"Not Found: project '{org}/{project}' not found")
         return b""
 
-    @app.route("/api/stacks/<org>/<project>", methods=["POST"])
+    @route("/api/stacks/<org>/<project>", "POST", org(Role.WRITE, "stack.create"))
     async def create_stack(self, request: IRequest, org: str, project: str) -> bytes:
-        self._user(request)
         await self.backend.create_stack(org, project, await self._body(request))
         return json_response(request, {})
 
-    @app.route(BASE, methods=["GET"])
+    @route(BASE, "GET", stack(Role.READ))
     async def get_stack(self, request: IRequest, org: str, project: str, stack: str) -> bytes:
-        self._user(request)
         record = await self.backend.stack(StackRef(org, project, stack))
         view: dict[str, Any] = {
             "id": f"{record.org}/{record.project}/{record.name}",
@@ -84,16 +87,14 @@ class StackRoutes(Routes):
                 }
         return json_response(request, view)
 
-    @app.route(BASE, methods=["DELETE"])
+    @route(BASE, "DELETE", stack(Role.ADMIN, "stack.delete"))
     async def delete_stack(self, request: IRequest, org: str, project: str, stack: str) -> bytes:
-        self._user(request)
         force = query(request).get("force", "false").lower() == "true"
         await self.backend.delete_stack(StackRef(org, project, stack), force)
         return no_content(request)
 
-    @app.route(f"{BASE}/rename", methods=["POST"])
+    @route(f"{BASE}/rename", "POST", stack(Role.ADMIN, "stack.rename"))
     async def rename(self, request: IRequest, org: str, project: str, stack: str) -> bytes:
-        self._user(request)
         body = await self._body(request)
         new_name, new_project = body.get("newName") or "", body.get("newProject") or ""
         if not isinstance(new_name, str) or not isinstance(new_project, str):
@@ -101,26 +102,24 @@ class StackRoutes(Routes):
         await self.backend.rename_stack(StackRef(org, project, stack), new_project, new_name)
         return no_content(request)
 
-    @app.route(f"{BASE}/tags", methods=["PATCH"])
+    @route(f"{BASE}/tags", "PATCH", stack(Role.WRITE, "stack.tags"))
     async def tags(self, request: IRequest, org: str, project: str, stack: str) -> bytes:
-        self._user(request)
         await self.backend.set_tags(StackRef(org, project, stack), await self._body(request))
         return no_content(request)
 
     # -- export / import / history --------------------------------------------------------
 
-    @app.route(f"{BASE}/export", methods=["GET"])
+    @route(f"{BASE}/export", "GET", stack(Role.READ))
     async def export(self, request: IRequest, org: str, project: str, stack: str) -> bytes:
         return await self._export(request, StackRef(org, project, stack), None)
 
-    @app.route(f"{BASE}/export/<version>", methods=["GET"])
+    @route(f"{BASE}/export/<version>", "GET", stack(Role.READ))
     async def export_version(
         self, request: IRequest, org: str, project: str, stack: str, version: str
     ) -> bytes:
         return await self._export(request, StackRef(org, project, stack), version_arg(version))
 
     async def _export(self, request: IRequest, ref: StackRef, version: int | None) -> bytes:
-        self._user(request)
         state = await self.backend.export(ref, version)
         request.setHeader(b"content-type", b"application/json")
         if b"gzip" in (request.getHeader(b"accept-encoding") or b""):
@@ -128,43 +127,38 @@ class StackRoutes(Routes):
             return state.gzipped
         return await self.cpu.run(deployments.gunzip_blocking, state.gzipped, 1 << 34)
 
-    @app.route(f"{BASE}/import", methods=["POST"])
+    @route(f"{BASE}/import", "POST", stack(Role.WRITE, "stack.import"))
     async def import_(self, request: IRequest, org: str, project: str, stack: str) -> bytes:
-        self._user(request)
         body = await read_body(request, self.cpu, self.config.max_body_size)
         update_id = await self.backend.import_state(StackRef(org, project, stack), body)
         return json_response(request, {"updateId": update_id})
 
-    @app.route(f"{BASE}/updates", methods=["GET"])
+    @route(f"{BASE}/updates", "GET", stack(Role.READ))
     async def history(self, request: IRequest, org: str, project: str, stack: str) -> bytes:
-        self._user(request)
         args = query(request)
         # Pulumi Cloud: page 0 (or none) is every entry; pageSize counts only with a page.
         page, size = int_arg(args.get("page", "0")), int_arg(args.get("pageSize", "10"))
         updates = await self.backend.history(StackRef(org, project, stack), page, size)
         return json_response(request, {"updates": [self._info(u) for u in updates]})
 
-    @app.route(f"{BASE}/updates/latest", methods=["GET"])
+    @route(f"{BASE}/updates/latest", "GET", stack(Role.READ))
     async def latest(self, request: IRequest, org: str, project: str, stack: str) -> bytes:
-        self._user(request)
         ref = StackRef(org, project, stack)
         update = await self.backend.latest(ref)
         return json_response(request, await self._update_info(ref, update))
 
-    @app.route(f"{BASE}/updates/<version>", methods=["GET"])
+    @route(f"{BASE}/updates/<version>", "GET", stack(Role.READ))
     async def update_by_version(
         self, request: IRequest, org: str, project: str, stack: str, version: str
     ) -> bytes:
-        self._user(request)
         ref = StackRef(org, project, stack)
         update = await self.backend.update_by_version(ref, version_arg(version))
         return json_response(request, await self._update_info(ref, update))
 
-    @app.route(f"{BASE}/updates/<version>/summary", methods=["GET"])
+    @route(f"{BASE}/updates/<version>/summary", "GET", stack(Role.READ))
     async def update_summary(
         self, request: IRequest, org: str, project: str, stack: str, version: str
     ) -> bytes:
-        self._user(request)
         ref = StackRef(org, project, stack)
         update = await self.backend.update_by_version(ref, version_arg(version))
         info = self._info(update)

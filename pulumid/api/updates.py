@@ -7,7 +7,7 @@ from typing import Any
 
 from twisted.web.iweb import IRequest
 
-from pulumid.api.base import BASE, KIND, STATUS, UPDATE, Routes, app, query
+from pulumid.api.base import BASE, KIND, STATUS, UPDATE, Routes, query, route
 from pulumid.api.http import (
     json_response,
     no_content,
@@ -16,15 +16,16 @@ from pulumid.api.http import (
     read_json,
     read_wire,
 )
+from pulumid.auth.access import UPDATE_TOKEN, stack
+from pulumid.auth.roles import Role
 from pulumid.storage.records import StackRef, UpdateRecord
 
 
 class UpdateRoutes(Routes):
-    @app.route(f"{BASE}/{KIND}", methods=["POST"])
+    @route(f"{BASE}/{KIND}", "POST", stack(Role.WRITE, "update.create"))
     async def create_update(
         self, request: IRequest, org: str, project: str, stack: str, kind: str
     ) -> bytes:
-        self._user(request)
         update_id = await self.backend.create_update(
             StackRef(org, project, stack), kind, await self._body(request)
         )
@@ -32,11 +33,10 @@ class UpdateRoutes(Routes):
             request, {"updateID": update_id, "requiredPolicies": [], "messages": []}
         )
 
-    @app.route(UPDATE, methods=["POST"])
+    @route(UPDATE, "POST", stack(Role.WRITE, "update.start"))
     async def start_update(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
-        self._user(request)
         update = await self.backend.start_update(
             StackRef(org, project, stack),
             update_id,
@@ -52,11 +52,10 @@ class UpdateRoutes(Routes):
             response["journalVersion"] = update.journal_version
         return json_response(request, response)
 
-    @app.route(UPDATE, methods=["GET"])
+    @route(UPDATE, "GET", stack(Role.READ))
     async def update_status(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
-        self._user(request)
         update = await self.backend.update_status(StackRef(org, project, stack), update_id)
         running = update.status in ("running", "not-started")
         view: dict[str, Any] = {
@@ -68,7 +67,7 @@ class UpdateRoutes(Routes):
             view["failure"] = update.failure
         return json_response(request, view)
 
-    @app.route(f"{UPDATE}/renew_lease", methods=["POST"])
+    @route(f"{UPDATE}/renew_lease", "POST", UPDATE_TOKEN)
     async def renew_lease(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
@@ -86,7 +85,7 @@ class UpdateRoutes(Routes):
         ref, token = StackRef(org, project, stack), self._update_token(request)
         return ref, token, await self.backend.leased(ref, update_id, token)
 
-    @app.route(f"{UPDATE}/checkpoint", methods=["PATCH"])
+    @route(f"{UPDATE}/checkpoint", "PATCH", UPDATE_TOKEN)
     async def checkpoint(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
@@ -95,7 +94,7 @@ class UpdateRoutes(Routes):
         await self.backend.checkpoint(ref, update_id, token, body, lease)
         return no_content(request)
 
-    @app.route(f"{UPDATE}/checkpointverbatim", methods=["PATCH"])
+    @route(f"{UPDATE}/checkpointverbatim", "PATCH", UPDATE_TOKEN)
     async def checkpoint_verbatim(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
@@ -104,7 +103,7 @@ class UpdateRoutes(Routes):
         await self.backend.checkpoint_verbatim(ref, update_id, token, body, lease)
         return no_content(request)
 
-    @app.route(f"{UPDATE}/checkpointdelta", methods=["PATCH"])
+    @route(f"{UPDATE}/checkpointdelta", "PATCH", UPDATE_TOKEN)
     async def checkpoint_delta(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
@@ -113,7 +112,7 @@ class UpdateRoutes(Routes):
         await self.backend.checkpoint_delta(ref, update_id, token, wire, body, lease)
         return no_content(request)
 
-    @app.route(f"{UPDATE}/journalentries", methods=["PATCH"])
+    @route(f"{UPDATE}/journalentries", "PATCH", UPDATE_TOKEN)
     async def journal_entries(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
@@ -122,7 +121,7 @@ class UpdateRoutes(Routes):
         await self.backend.journal_entries(ref, update_id, token, wire, body, lease)
         return no_content(request)
 
-    @app.route(f"{UPDATE}/events/batch", methods=["POST"])
+    @route(f"{UPDATE}/events/batch", "POST", UPDATE_TOKEN)
     async def post_events(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
@@ -131,7 +130,7 @@ class UpdateRoutes(Routes):
         await self.backend.post_events(ref, update_id, token, body, lease)
         return no_content(request)
 
-    @app.route(f"{UPDATE}/events", methods=["POST"])
+    @route(f"{UPDATE}/events", "POST", UPDATE_TOKEN)
     async def post_event(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
@@ -140,11 +139,10 @@ class UpdateRoutes(Routes):
         await self.backend.post_events(ref, update_id, token, {"events": [body]}, lease)
         return no_content(request)
 
-    @app.route(f"{UPDATE}/events", methods=["GET"])
+    @route(f"{UPDATE}/events", "GET", stack(Role.READ))
     async def get_events(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
-        self._user(request)
         events, token = await self.backend.get_events(
             StackRef(org, project, stack), update_id, query(request).get("continuationToken")
         )
@@ -158,7 +156,7 @@ class UpdateRoutes(Routes):
             b'{"events":[' + b",".join(datas) + b'],"continuationToken":' + token_json + b"}",
         )
 
-    @app.route(f"{UPDATE}/complete", methods=["POST"])
+    @route(f"{UPDATE}/complete", "POST", UPDATE_TOKEN)
     async def complete(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
@@ -168,11 +166,10 @@ class UpdateRoutes(Routes):
         await self.backend.complete(ref, update_id, token, body.get("status"), update)
         return no_content(request)
 
-    @app.route(f"{UPDATE}/cancel", methods=["POST"])
+    @route(f"{UPDATE}/cancel", "POST", stack(Role.WRITE, "update.cancel"))
     async def cancel(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
-        self._user(request)
         await self.backend.cancel(StackRef(org, project, stack), update_id)
         return no_content(request)
 

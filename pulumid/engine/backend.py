@@ -103,12 +103,16 @@ class Backend:
         self.inflight = inflight
         # Names this process in claims of timed work shared with other nodes.
         self.node = f"{socket.gethostname()}:{os.getpid()}:{secrets_module.token_hex(4)}"
+        # The organizations stacks may belong to: the RBAC file's in the multi-user modes.
+        self.organizations: Callable[[], list[str]] = lambda: [config.organization, config.user]
+        # pulumid.auth.service.Auth, composed in tap.py; the API reads it.
+        self.auth: Any = None
 
     # -- identity -------------------------------------------------------------------------
 
     @property
     def owners(self) -> list[str]:
-        return [self.config.organization, self.config.user]
+        return self.organizations()
 
     def check_owner(self, org: str) -> None:
         if org not in self.owners:
@@ -149,9 +153,12 @@ class Backend:
         tag_name: str | None,
         tag_value: str | None,
         continuation: str | None,
+        readable: list[str] | None = None,
     ) -> tuple[list[StackRecord], str | None]:
-        orgs = self.owners if org is None else [org]
-        if org is not None and org not in self.owners:
+        """A page of stacks; READABLE limits the organizations looked in (None: all)."""
+        owners = self.owners if readable is None else [o for o in self.owners if o in readable]
+        orgs = owners if org is None else [org]
+        if org is not None and org not in owners:
             return [], None
         after = 0
         if continuation:
@@ -543,6 +550,9 @@ class Backend:
             updates_before=cutoff(self.config.update_retention_days),
             unstarted_before=now - DAY,
             claims_before=now - DAY,
+            # Expired tokens stay a day, so "expired" (not "unknown") is what a late user sees.
+            tokens_expired_before=now - DAY,
+            audit_before=cutoff(self.config.auth.audit_retention_days),
         )
         # One node per interval prunes; the others find the claim live and skip.
         interval = self.config.retention_interval

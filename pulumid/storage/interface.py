@@ -15,11 +15,14 @@ from typing import Protocol
 from twisted.internet.defer import Deferred
 
 from pulumid.storage.records import (
+    AuditRecord,
+    IdentityRecord,
     RetentionRules,
     StackRecord,
     StackRef,
     StateBlob,
     StoredEvent,
+    TokenRecord,
     UpdateRecord,
 )
 
@@ -164,5 +167,35 @@ class Store(Protocol):
         summaries: dict[str, dict[str, int]],
     ) -> Deferred[None]: ...
     def get_events(self, update_id: str, after: int, limit: int) -> Deferred[list[StoredEvent]]: ...
+
+    # identities (who signed in, their groups, the provider's encrypted refresh token)
+    def put_identity(self, identity: IdentityRecord) -> Deferred[None]: ...  # insert or replace
+    def get_identity(self, login: str) -> Deferred[IdentityRecord | None]: ...
+    def list_identities(self) -> Deferred[list[IdentityRecord]]: ...  # ordered by login
+
+    # access tokens (hashes only)
+    def create_token(self, token: TokenRecord) -> Deferred[None]: ...
+    def find_token(self, token_hash: str) -> Deferred[TokenRecord | None]: ...
+    # LOGIN's tokens, or everyone's when None; newest first.
+    def list_tokens(self, login: str | None) -> Deferred[list[TokenRecord]]: ...
+    # False when there is no such token (of LOGIN, when LOGIN is given).
+    def delete_token(self, token_id: str, login: str | None) -> Deferred[bool]: ...
+    def delete_tokens_of(self, login: str) -> Deferred[int]: ...
+    # Raise last_used (never lower it) for many tokens in one transaction.
+    def touch_tokens(self, last_used: dict[str, float]) -> Deferred[None]: ...
+
+    # audit trail
+    def add_audit_events(self, events: list[AuditRecord]) -> Deferred[None]: ...
+    # Newest first; BEFORE_ID pages (0: from the newest); times are epoch seconds, inclusive.
+    def list_audit_events(
+        self,
+        org: str,
+        start: float | None,
+        end: float | None,
+        actor: str | None,
+        action: str | None,
+        before_id: int,
+        limit: int,
+    ) -> Deferred[list[AuditRecord]]: ...
 
     def close(self) -> None: ...

@@ -113,6 +113,50 @@ MIGRATIONS: list[str | Callable[[psycopg.Connection[Any]], None]] = [
     """,
     # 2: timed work claimed by one node at a time
     CLAIMS_TABLE,
+    # 3: identities, access tokens and the audit trail (SQLite's version 5)
+    """
+    -- Who signed in: their groups then (a JSON array), the provider's encrypted refresh token.
+    CREATE TABLE identities (
+        login TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        email TEXT NOT NULL,
+        groups TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        created DOUBLE PRECISION NOT NULL,
+        checked DOUBLE PRECISION NOT NULL,
+        refresh_token BYTEA,
+        disabled BOOLEAN NOT NULL DEFAULT FALSE
+    );
+    -- Access tokens, kept as the SHA-256 of the token only (expires 0: never).
+    CREATE TABLE access_tokens (
+        id TEXT PRIMARY KEY,
+        token_hash TEXT NOT NULL UNIQUE,
+        login TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        description TEXT NOT NULL,
+        created DOUBLE PRECISION NOT NULL,
+        expires DOUBLE PRECISION NOT NULL DEFAULT 0,
+        last_used DOUBLE PRECISION NOT NULL DEFAULT 0,
+        org TEXT NOT NULL DEFAULT '',
+        role TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX access_tokens_by_login ON access_tokens (login);
+    CREATE TABLE audit_events (
+        id BIGSERIAL PRIMARY KEY,
+        time DOUBLE PRECISION NOT NULL,
+        org TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        client_ip TEXT NOT NULL,
+        description TEXT NOT NULL DEFAULT '',
+        auth_failure BOOLEAN NOT NULL DEFAULT FALSE
+    );
+    CREATE INDEX audit_events_by_org ON audit_events (org, id);
+    -- Retention sweeps find old events by age.
+    CREATE INDEX audit_events_by_time ON audit_events (time);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -89,3 +89,62 @@ class RetentionRules:
     updates_before: float | None = None
     unstarted_before: float | None = None
     claims_before: float | None = None
+    # Tokens whose expiry (non-zero) is before this; audit events older than this.
+    tokens_expired_before: float | None = None
+    audit_before: float | None = None
+
+
+@dataclass(frozen=True)
+class IdentityRecord:
+    """A person (or machine) known from a sign-in: who they are and their groups then.
+
+    `refresh_token` is the identity provider's refresh token, encrypted with the master key
+    (None when the mode has none); `checked` is when the provider last vouched for them.
+    """
+
+    login: str
+    name: str
+    email: str
+    groups: tuple[str, ...]
+    provider: str  # single-tenant | oidc | google | jwt | exchange
+    created: float
+    checked: float
+    refresh_token: bytes | None = None
+    disabled: bool = False
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """An access token: only its SHA-256 is stored.
+
+    kind: personal (made by a user), cli (minted by the browser login), exchange (RFC 8693).
+    `expires` is epoch seconds, 0 when it never expires. Exchanged tokens carry the
+    organization and role their rule granted; the others act as their identity.
+    """
+
+    id: str
+    token_hash: str
+    login: str
+    kind: str
+    description: str
+    created: float
+    expires: float = 0.0
+    last_used: float = 0.0
+    org: str = ""
+    role: str = ""
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One audited action. `id` is assigned by the store (0 before it is stored)."""
+
+    time: float
+    org: str
+    actor: str
+    action: str
+    resource: str
+    status: int
+    client_ip: str
+    description: str = ""
+    auth_failure: bool = False
+    id: int = 0

@@ -10,7 +10,14 @@ from typing import Any
 
 from pulumid.auth.tokens import same
 from pulumid.errors import Conflict, Forbidden
-from pulumid.storage.records import RetentionRules, StackRecord, UpdateRecord
+from pulumid.storage.records import (
+    AuditRecord,
+    IdentityRecord,
+    RetentionRules,
+    StackRecord,
+    TokenRecord,
+    UpdateRecord,
+)
 
 STACK_HAS_RESOURCES = "Bad Request: Stack still contains resources."
 ANOTHER_UPDATE = "Conflict: Another update is currently in progress."
@@ -26,6 +33,18 @@ UPDATE_COLUMNS = (
     "requested_by, engine_version, checkpoint_seq, failure"
 )
 UPDATE_COLUMN_COUNT = UPDATE_COLUMNS.count(",") + 1
+IDENTITY_COLUMNS = "login, name, email, groups, provider, created, checked, refresh_token, disabled"
+TOKEN_COLUMNS = "id, token_hash, login, kind, description, created, expires, last_used, org, role"
+# Without `id`, which the database assigns: what an insert names.
+AUDIT_INSERT_COLUMNS = (
+    "time, org, actor, action, resource, status, client_ip, description, auth_failure"
+)
+AUDIT_COLUMNS = "id, " + AUDIT_INSERT_COLUMNS
+
+
+def placeholders(columns: str) -> str:
+    """`?, ?, ...`: one for each of COLUMNS (a comma-separated list)."""
+    return ", ".join("?" * (columns.count(",") + 1))
 
 
 def stack_from_row(row: tuple[Any, ...], tags: dict[str, str]) -> StackRecord:
@@ -95,6 +114,96 @@ def update_values(update: UpdateRecord, *, status: str, version: int) -> tuple[A
     )
 
 
+def identity_from_row(row: tuple[Any, ...]) -> IdentityRecord:
+    return IdentityRecord(
+        login=row[0],
+        name=row[1],
+        email=row[2],
+        groups=tuple(json.loads(row[3])),
+        provider=row[4],
+        created=row[5],
+        checked=row[6],
+        refresh_token=None if row[7] is None else bytes(row[7]),
+        disabled=bool(row[8]),
+    )
+
+
+def identity_values(identity: IdentityRecord) -> tuple[Any, ...]:
+    """The values of IDENTITY_COLUMNS; groups are kept as a JSON array."""
+    return (
+        identity.login,
+        identity.name,
+        identity.email,
+        json.dumps(list(identity.groups)),
+        identity.provider,
+        identity.created,
+        identity.checked,
+        identity.refresh_token,
+        bool(identity.disabled),
+    )
+
+
+def token_from_row(row: tuple[Any, ...]) -> TokenRecord:
+    return TokenRecord(
+        id=row[0],
+        token_hash=row[1],
+        login=row[2],
+        kind=row[3],
+        description=row[4],
+        created=row[5],
+        expires=row[6],
+        last_used=row[7],
+        org=row[8],
+        role=row[9],
+    )
+
+
+def token_values(token: TokenRecord) -> tuple[Any, ...]:
+    """The values of TOKEN_COLUMNS."""
+    return (
+        token.id,
+        token.token_hash,
+        token.login,
+        token.kind,
+        token.description,
+        token.created,
+        token.expires,
+        token.last_used,
+        token.org,
+        token.role,
+    )
+
+
+def audit_from_row(row: tuple[Any, ...]) -> AuditRecord:
+    return AuditRecord(
+        id=row[0],
+        time=row[1],
+        org=row[2],
+        actor=row[3],
+        action=row[4],
+        resource=row[5],
+        status=row[6],
+        client_ip=row[7],
+        description=row[8],
+        auth_failure=bool(row[9]),
+    )
+
+
+def audit_values(event: AuditRecord) -> tuple[Any, ...]:
+    """The values of AUDIT_INSERT_COLUMNS (the event's id is the database's to assign)."""
+    return (
+        event.time,
+        event.org,
+        event.actor,
+        event.action,
+        event.resource,
+        event.status,
+        event.client_ip,
+        event.description,
+        bool(event.auth_failure),
+    )
+
+
 def check_lease(update: UpdateRecord | None, token_hash: str, now: float) -> UpdateRecord:
     """The update, if `token_hash` holds its live lease; else Forbidden or Conflict."""
     if update is None or not update.token_hash or not same(update.token_hash, token_hash):
@@ -157,7 +266,15 @@ _RETENTION = {
     ),
     # Claims of timed work that ran out long ago (their names are not reused).
     "claims": ("claims_before", "DELETE FROM claims WHERE until < {p}"),
+    # Access tokens past their expiry (0: never expires).
+    "tokens": (
+        "tokens_expired_before",
+        "DELETE FROM access_tokens WHERE expires > 0 AND expires < {p}",
+    ),
+    "audit": ("audit_before", "DELETE FROM audit_events WHERE time < {p}"),
 }
+# What prune() counts, every kind present even when its rule is not set.
+RETENTION_KINDS = tuple(_RETENTION)
 
 
 def retention_deletes(rules: RetentionRules, placeholder: str) -> list[tuple[str, str, float]]:

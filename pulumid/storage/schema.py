@@ -120,6 +120,51 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     _v3_hashed_tokens_and_failures,
     # 4: timed work claimed by one node at a time
     CLAIMS_TABLE,
+    # 5: identities, access tokens and the audit trail
+    """
+    -- Who signed in: their groups then (a JSON array), the provider's encrypted refresh token.
+    CREATE TABLE identities (
+        login TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        email TEXT NOT NULL,
+        groups TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        created REAL NOT NULL,
+        checked REAL NOT NULL,
+        refresh_token BLOB,
+        disabled INTEGER NOT NULL DEFAULT 0
+    );
+    -- Access tokens, kept as the SHA-256 of the token only (expires 0: never).
+    CREATE TABLE access_tokens (
+        id TEXT PRIMARY KEY,
+        token_hash TEXT NOT NULL UNIQUE,
+        login TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        description TEXT NOT NULL,
+        created REAL NOT NULL,
+        expires REAL NOT NULL DEFAULT 0,
+        last_used REAL NOT NULL DEFAULT 0,
+        org TEXT NOT NULL DEFAULT '',
+        role TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX access_tokens_by_login ON access_tokens (login);
+    -- AUTOINCREMENT: an id is never handed out twice, so pages (before an id) stay stable.
+    CREATE TABLE audit_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        time REAL NOT NULL,
+        org TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        resource TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        client_ip TEXT NOT NULL,
+        description TEXT NOT NULL DEFAULT '',
+        auth_failure INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX audit_events_by_org ON audit_events (org, id);
+    -- Retention sweeps find old events by age.
+    CREATE INDEX audit_events_by_time ON audit_events (time);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

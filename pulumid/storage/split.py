@@ -27,11 +27,14 @@ from pulumid.errors import PulumidError, Unavailable
 from pulumid.storage.blobs import BlobStore
 from pulumid.storage.interface import Store
 from pulumid.storage.records import (
+    AuditRecord,
+    IdentityRecord,
     RetentionRules,
     StackRecord,
     StackRef,
     StateBlob,
     StoredEvent,
+    TokenRecord,
     UpdateRecord,
 )
 
@@ -410,3 +413,45 @@ class BlobbedStore:
 
     def get_events(self, update_id: str, after: int, limit: int) -> Deferred[list[StoredEvent]]:
         return self.meta.get_events(update_id, after, limit)
+
+    def put_identity(self, identity: IdentityRecord) -> Deferred[None]:
+        return self.meta.put_identity(identity)
+
+    def get_identity(self, login: str) -> Deferred[IdentityRecord | None]:
+        return self.meta.get_identity(login)
+
+    def list_identities(self) -> Deferred[list[IdentityRecord]]:
+        return self.meta.list_identities()
+
+    def create_token(self, token: TokenRecord) -> Deferred[None]:
+        return self.meta.create_token(token)
+
+    def find_token(self, token_hash: str) -> Deferred[TokenRecord | None]:
+        return self.meta.find_token(token_hash)
+
+    def list_tokens(self, login: str | None) -> Deferred[list[TokenRecord]]:
+        return self.meta.list_tokens(login)
+
+    def delete_token(self, token_id: str, login: str | None) -> Deferred[bool]:
+        return self.meta.delete_token(token_id, login)
+
+    def delete_tokens_of(self, login: str) -> Deferred[int]:
+        return self.meta.delete_tokens_of(login)
+
+    def touch_tokens(self, last_used: dict[str, float]) -> Deferred[None]:
+        return self.meta.touch_tokens(last_used)
+
+    def add_audit_events(self, events: list[AuditRecord]) -> Deferred[None]:
+        return self.meta.add_audit_events(events)
+
+    def list_audit_events(
+        self,
+        org: str,
+        start: float | None,
+        end: float | None,
+        actor: str | None,
+        action: str | None,
+        before_id: int,
+        limit: int,
+    ) -> Deferred[list[AuditRecord]]:
+        return self.meta.list_audit_events(org, start, end, actor, action, before_id, limit)

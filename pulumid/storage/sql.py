@@ -14,33 +14,48 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, Protocol, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 
 from pulumid.auth.tokens import same
 from pulumid.errors import BadRequest, Conflict, Forbidden, NotFound, Stale
 from pulumid.storage.faults import Faults
 from pulumid.storage.records import (
+    AuditRecord,
+    IdentityRecord,
     RetentionRules,
     StackRecord,
     StackRef,
     StateBlob,
     StoredEvent,
+    TokenRecord,
     UpdateRecord,
 )
 from pulumid.storage.rows import (
     ANOTHER_UPDATE,
+    AUDIT_COLUMNS,
+    AUDIT_INSERT_COLUMNS,
     BLOB_COLUMNS,
+    IDENTITY_COLUMNS,
+    RETENTION_KINDS,
     STACK_COLUMNS,
     STACK_HAS_RESOURCES,
+    TOKEN_COLUMNS,
     UPDATE_COLUMN_COUNT,
     UPDATE_COLUMNS,
+    audit_from_row,
+    audit_values,
     check_checkpointing,
     check_lease,
     check_writable,
     claim_statement,
+    identity_from_row,
+    identity_values,
     not_running_message,
+    placeholders,
     retention_deletes,
     stack_from_row,
+    token_from_row,
+    token_values,
     update_from_row,
     update_values,
 )
@@ -51,6 +66,12 @@ T = TypeVar("T")
 # Parameters: org, project, name, created, resource_count.
 INSERT_STACK = (
     "INSERT INTO stacks (org, project, name, created, resource_count) VALUES (?, ?, ?, ?, ?)"
+)
+# An identity signing in again replaces every field: the provider's word is the newest.
+PUT_IDENTITY = (
+    f"INSERT INTO identities ({IDENTITY_COLUMNS}) VALUES ({placeholders(IDENTITY_COLUMNS)}) "
+    "ON CONFLICT (login) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in IDENTITY_COLUMNS.split(", ")[1:])
 )
 
 
@@ -513,8 +534,7 @@ class SQLStore:
     def get_journal(self, update_id: str, after: int = 0) -> Deferred[list[bytes]]:
         def txn(conn: Connection) -> list[bytes]:
             rows = conn.execute(
-                "SELECT body FROM journal_batches WHERE update_id = ? AND batch > ? "
-                "ORDER BY batch",
+                "SELECT body FROM journal_batches WHERE update_id = ? AND batch > ? ORDER BY batch",
                 (update_id, after),
             ).fetchall()
             return [bytes(row[0]) for row in rows]
@@ -659,7 +679,7 @@ class SQLStore:
         """Delete what retention lets go of; one transaction, counts by kind."""
 
         def txn(conn: Connection) -> dict[str, int]:
-            counts = dict.fromkeys(("events", "previews", "updates", "unstarted", "claims"), 0)
+            counts = dict.fromkeys(RETENTION_KINDS, 0)
             for kind, statement, cutoff in retention_deletes(rules, "?"):
                 counts[kind] = conn.execute(statement, (cutoff,)).rowcount
             return counts
@@ -721,6 +741,143 @@ class SQLStore:
                 (update_id, after, limit),
             ).fetchall()
             return [StoredEvent(row[0], bytes(row[1])) for row in rows]
+
+        return self._read(txn)
+
+    # -- identities -----------------------------------------------------------------------
+
+    def put_identity(self, identity: IdentityRecord) -> Deferred[None]:
+        def txn(conn: Connection) -> None:
+            conn.execute(PUT_IDENTITY, identity_values(identity))
+
+        return self._write(txn)
+
+    def get_identity(self, login: str) -> Deferred[IdentityRecord | None]:
+        def txn(conn: Connection) -> IdentityRecord | None:
+            row = conn.execute(
+                f"SELECT {IDENTITY_COLUMNS} FROM identities WHERE login = ?", (login,)
+            ).fetchone()
+            return identity_from_row(row) if row else None
+
+        return self._read(txn)
+
+    def list_identities(self) -> Deferred[list[IdentityRecord]]:
+        def txn(conn: Connection) -> list[IdentityRecord]:
+            rows = conn.execute(
+                f"SELECT {IDENTITY_COLUMNS} FROM identities ORDER BY login"
+            ).fetchall()
+            return [identity_from_row(row) for row in rows]
+
+        return self._read(txn)
+
+    # -- access tokens --------------------------------------------------------------------
+
+    def create_token(self, token: TokenRecord) -> Deferred[None]:
+        def txn(conn: Connection) -> None:
+            try:
+                conn.execute(
+                    f"INSERT INTO access_tokens ({TOKEN_COLUMNS}) "
+                    f"VALUES ({placeholders(TOKEN_COLUMNS)})",
+                    token_values(token),
+                )
+            except self.unique_violation:
+                # Its id or its hash is taken: random ids and tokens never collide by chance.
+                raise Conflict("Conflict: the access token already exists") from None
+
+        return self._write(txn)
+
+    def find_token(self, token_hash: str) -> Deferred[TokenRecord | None]:
+        def txn(conn: Connection) -> TokenRecord | None:
+            row = conn.execute(
+                f"SELECT {TOKEN_COLUMNS} FROM access_tokens WHERE token_hash = ?", (token_hash,)
+            ).fetchone()
+            return token_from_row(row) if row else None
+
+        return self._read(txn)
+
+    def list_tokens(self, login: str | None) -> Deferred[list[TokenRecord]]:
+        def txn(conn: Connection) -> list[TokenRecord]:
+            where, args = ("WHERE login = ? ", (login,)) if login is not None else ("", ())
+            rows = conn.execute(
+                f"SELECT {TOKEN_COLUMNS} FROM access_tokens {where}ORDER BY created DESC, id",
+                args,
+            ).fetchall()
+            return [token_from_row(row) for row in rows]
+
+        return self._read(txn)
+
+    def delete_token(self, token_id: str, login: str | None) -> Deferred[bool]:
+        def txn(conn: Connection) -> bool:
+            if login is None:
+                cursor = conn.execute("DELETE FROM access_tokens WHERE id = ?", (token_id,))
+            else:
+                cursor = conn.execute(
+                    "DELETE FROM access_tokens WHERE id = ? AND login = ?", (token_id, login)
+                )
+            return cursor.rowcount > 0
+
+        return self._write(txn)
+
+    def delete_tokens_of(self, login: str) -> Deferred[int]:
+        def txn(conn: Connection) -> int:
+            return conn.execute("DELETE FROM access_tokens WHERE login = ?", (login,)).rowcount
+
+        return self._write(txn)
+
+    def touch_tokens(self, last_used: dict[str, float]) -> Deferred[None]:
+        if not last_used:
+            return succeed(None)
+
+        def txn(conn: Connection) -> None:
+            # In id order: two nodes touching the same tokens lock them in one order.
+            conn.executemany(
+                "UPDATE access_tokens SET last_used = ? WHERE id = ? AND last_used < ?",
+                [(last_used[i], i, last_used[i]) for i in sorted(last_used)],
+            )
+
+        return self._write(txn)
+
+    # -- audit trail ----------------------------------------------------------------------
+
+    def add_audit_events(self, events: list[AuditRecord]) -> Deferred[None]:
+        if not events:
+            return succeed(None)
+
+        def txn(conn: Connection) -> None:
+            conn.executemany(
+                f"INSERT INTO audit_events ({AUDIT_INSERT_COLUMNS}) "
+                f"VALUES ({placeholders(AUDIT_INSERT_COLUMNS)})",
+                [audit_values(event) for event in events],
+            )
+
+        return self._write(txn)
+
+    def list_audit_events(
+        self,
+        org: str,
+        start: float | None,
+        end: float | None,
+        actor: str | None,
+        action: str | None,
+        before_id: int,
+        limit: int,
+    ) -> Deferred[list[AuditRecord]]:
+        def txn(conn: Connection) -> list[AuditRecord]:
+            sql = [f"SELECT {AUDIT_COLUMNS} FROM audit_events WHERE org = ?"]
+            args: list[Any] = [org]
+            for condition, value in (
+                ("id < ?", before_id or None),
+                ("time >= ?", start),
+                ("time <= ?", end),
+                ("actor = ?", actor),
+                ("action = ?", action),
+            ):
+                if value is not None:
+                    sql.append("AND " + condition)
+                    args.append(value)
+            sql.append("ORDER BY id DESC LIMIT ?")
+            args.append(limit)
+            return [audit_from_row(row) for row in conn.execute(" ".join(sql), args).fetchall()]
 
         return self._read(txn)
 

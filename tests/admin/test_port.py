@@ -13,7 +13,7 @@ import sys
 import uuid
 from collections.abc import Callable, Sequence
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,9 @@ from pulumid.engine.inflight import InFlight
 from pulumid.engine.secrets import StackSecrets
 from pulumid.secrets.crypto import MasterKey
 from pulumid.storage.blobs import S3Blobs
+from pulumid.storage.interface import Store
 from pulumid.storage.postgres import PostgresStore
-from pulumid.storage.records import StackRef
+from pulumid.storage.records import AuditRecord, IdentityRecord, StackRef, TokenRecord
 from pulumid.storage.rows import BLOB_COLUMNS
 from pulumid.storage.split import REF
 from pulumid.storage.sqlite import SQLiteStore
@@ -60,6 +61,16 @@ class Exported:
 
 
 @dataclass
+class Access:
+    """Identities, access tokens and the audit trail (every org's), as the store lists them."""
+
+    identities: list[IdentityRecord]
+    tokens: list[TokenRecord]
+    audit: dict[str, list[AuditRecord]]
+    audit_floor: int  # the newest audit event, deleted: its id must not be handed out again
+
+
+@dataclass
 class Source:
     path: Path
     exports: dict[str, Exported]
@@ -67,6 +78,7 @@ class Source:
     deleted_id: int  # the last stack, deleted: its id must not be handed out again
     # When the exports were taken: a running journal's replay stamps its manifest with it.
     exported_at: float
+    access: Access
 
 
 def _backend(path: Path, now: float = START) -> tuple[Backend, SQLiteStore, Clock]:
@@ -210,10 +222,74 @@ def build_source(path: Path, *, running: bool) -> Source:
     ok(backend.delete_stack(scratch, False))
 
     try:
+        access = _add_access(store)
         exports = _exports(backend, store)
-        return Source(path, exports, ciphertext, deleted_id, clock.seconds())
+        return Source(path, exports, ciphertext, deleted_id, clock.seconds(), access)
     finally:
         store.close()
+
+
+AUDIT_ORGS = (ORG, "other")
+
+
+def _add_access(store: SQLiteStore) -> Access:
+    """Two identities, three access tokens, an audit trail in two orgs whose newest event was
+    deleted (its id stays used)."""
+    done = _sync.successResultOf
+    alice = IdentityRecord(
+        "alice", "Alice", "alice@example.com", ("dev", "ops"), "oidc", START, START + 1.5
+    )
+    done(store.put_identity(replace(alice, refresh_token=b"\x00sealed")))
+    bob = IdentityRecord("bob", "Bob", "bob@example.com", (), "jwt", START, START, disabled=True)
+    done(store.put_identity(bob))
+    day, hour = START + 86400, START + 3600.5
+    for token in (
+        TokenRecord("tok-pat", "h1", "alice", "personal", "laptop", START),
+        TokenRecord("tok-cli", "h2", "alice", "cli", "pulumi login", START + 1, day, START + 2),
+        TokenRecord("tok-x", "h3", "ci", "exchange", "", START + 2, hour, org=ORG, role="admin"),
+    ):
+        done(store.create_token(token))
+    events = [
+        AuditRecord(
+            time=START + n,
+            org=AUDIT_ORGS[n % 2],
+            actor="alice",
+            action="stack.update",
+            resource=f"acme/web/dev#{n}",
+            status=401 if n % 3 == 0 else 200,
+            client_ip="192.0.2.7",
+            description=f"event {n}",
+            auth_failure=n % 3 == 0,
+        )
+        for n in range(6)
+    ]
+    done(store.add_audit_events(events))
+    floor = store._conn.execute("SELECT MAX(id) FROM audit_events").fetchone()[0]
+    store._conn.execute("DELETE FROM audit_events WHERE id = ?", (floor,))
+    return Access(
+        done(store.list_identities()), done(store.list_tokens(None)), _audit(store), floor
+    )
+
+
+def _audit(store: Store) -> dict[str, list[AuditRecord]]:
+    return {
+        org: _sync.successResultOf(store.list_audit_events(org, None, None, None, None, 0, 1000))
+        for org in AUDIT_ORGS
+    }
+
+
+def same_access(store: Store, source: Source) -> None:
+    """STORE holds the source's identities, tokens and audit trail, ids and all; a new audit
+    event there gets an id never used on the source."""
+    access = source.access
+    assert _sync.successResultOf(store.list_identities()) == access.identities
+    assert _sync.successResultOf(store.list_tokens(None)) == access.tokens
+    assert _audit(store) == access.audit
+    assert sum(map(len, access.audit.values())) == 5
+    later = AuditRecord(START + 99, ORG, "carol", "token.create", "tok-new", 201, "::1")
+    _sync.successResultOf(store.add_audit_events([later]))
+    newest = _sync.successResultOf(store.list_audit_events(ORG, None, None, None, None, 0, 1))
+    assert [e.id for e in newest] == [access.audit_floor + 1]
 
 
 def _gunzip(data: bytes) -> bytes:
@@ -352,6 +428,7 @@ def test_round_trip_through_postgres_and_s3_keeps_every_export(
             final_store.create_stack(StackRef(ORG, "web", "fresh"), {}, START, None)
         )
         assert fresh.id == source.deleted_id + 1
+        same_access(final_store, source)
     finally:
         final_store.close()
 
@@ -385,6 +462,7 @@ def test_sqlite_to_postgres_inline(quiet_source: Source, new_database: Callable[
             store.create_stack(StackRef(ORG, "web", "fresh"), {}, START, None)
         )
         assert fresh.id == quiet_source.deleted_id + 1
+        same_access(store, quiet_source)
     finally:
         store.close()
 
@@ -422,12 +500,20 @@ def test_a_corrupted_state_fails_verification_naming_stack_and_version(
     with psycopg.connect(pg) as conn:
         conn.execute("DELETE FROM events WHERE update_id = %s AND seq = 0", (update_id,))
         conn.execute("UPDATE stack_tags SET value = 'ops' WHERE name = 'team'")
+        # And a touched token, a lost audit event and a disabled identity.
+        conn.execute("UPDATE access_tokens SET last_used = 1 WHERE id = 'tok-cli'")
+        conn.execute("DELETE FROM audit_events WHERE id = 3")
+        conn.execute("UPDATE identities SET disabled = TRUE WHERE login = 'alice'")
     code, out, _err = port("--from", str(quiet_source.path), "--to", pg, "--verify-only")
     assert code == 1, out
     different = "\n".join(line for line in out.splitlines() if "DIFFERENT" in line)
     assert f"acme/api/jobs (stack id 4): update {update_id}: 5 events on the source, 4" in different
     assert "acme/api/jobs (stack id 4): tags is {'team': 'platform'}" in different
     assert "table events: " in different
+    assert "access token tok-cli: last_used differs" in different
+    assert "identity alice: disabled differs" in different
+    assert "audit events of acme: event 3 is only on the source" in different
+    assert "table audit_events: 5 rows on the source, 4 on the destination" in different
 
 
 def test_refusals(
@@ -446,6 +532,16 @@ def test_refusals(
     ported("--from", str(quiet_source.path), "--to", pg)
     code, out, err = port("--from", str(quiet_source.path), "--to", pg)
     assert code == 2 and "already has stacks or updates" in err, out + err
+    # Or only an audit event (a daemon ran there): its ids would collide with the source's.
+    audited = new_database()
+    store = PostgresStore.open(audited, InlineRunner())
+    try:
+        later = AuditRecord(START, ORG, "", "login", "", 401, "::1", auth_failure=True)
+        _sync.successResultOf(store.add_audit_events([later]))
+    finally:
+        store.close()
+    code, out, err = port("--from", str(quiet_source.path), "--to", audited)
+    assert code == 2 and "audit events" in err, out + err
 
     # The source itself, however it is spelled.
     code, _out, err = port("--from", str(quiet_source.path), "--to", str(quiet_source.path))

@@ -784,7 +784,15 @@ def test_prune_by_retention_rules(store: Store) -> None:
     unstarted = new_update(stack.id, created=NOW)
     ok(store.create_update(unstarted))
     none = RetentionRules()
-    zero = {"events": 0, "previews": 0, "updates": 0, "unstarted": 0, "claims": 0}
+    zero = {
+        "events": 0,
+        "previews": 0,
+        "updates": 0,
+        "unstarted": 0,
+        "claims": 0,
+        "tokens": 0,
+        "audit": 0,
+    }
     assert ok(store.prune(none)) == zero
     everything = RetentionRules(NOW + 10, NOW + 10, NOW + 10, NOW + 10, NOW + 10)
     # The current version's update stays; the older one goes with its events.
@@ -794,6 +802,8 @@ def test_prune_by_retention_rules(store: Store) -> None:
         "updates": 1,
         "unstarted": 1,
         "claims": 0,
+        "tokens": 0,
+        "audit": 0,
     }
     assert [u.id for u in ok(store.list_history(stack.id, 0, 10))] == [second.id]
     assert ok(store.get_update(unstarted.id)) is None

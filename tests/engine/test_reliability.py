@@ -469,6 +469,8 @@ def test_10_retention_removes_old_events_previews_and_unstarted_updates(env: Env
         "updates": 0,
         "unstarted": 1,
         "claims": 0,
+        "tokens": 0,
+        "audit": 0,
     }
     env.clock.advance(2 * DAY)  # previews: 30 days
     assert ok(env.backend.apply_retention())["previews"] == 1
