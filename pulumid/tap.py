@@ -21,6 +21,8 @@ from pulumid.auth.access import Access, PolicyHolder
 from pulumid.auth.authn import Authenticator
 from pulumid.auth.exchange import TokenExchange
 from pulumid.auth.jwt import JWKSKeys, JWTVerifier, StaticKey, fetch_json, principal_of
+from pulumid.auth.oidc import OIDCClient, Sealer, post_form
+from pulumid.auth.people import People
 from pulumid.auth.principal import Principal
 from pulumid.auth.rbac import Policy, PolicyReloader, load_policy
 from pulumid.auth.service import Auth, parse_networks
@@ -153,11 +155,17 @@ def make_backend(config: Config, reactor: Any) -> tuple[service.MultiService, Ba
             clock=reactor,
             now=False,
         ).setServiceParent(top)
-    backend.auth = make_auth(config, backend, reactor, top)
+    backend.auth = make_auth(config, backend, reactor, top, master)
     return top, backend
 
 
-def make_auth(config: Config, backend: Backend, reactor: Any, top: service.MultiService) -> Auth:
+def make_auth(
+    config: Config,
+    backend: Backend,
+    reactor: Any,
+    top: service.MultiService,
+    master: MasterKey,
+) -> Auth:
     """Authentication, the RBAC policy (reloaded on SIGHUP), the audit trail, their timers."""
     settings = config.auth
     policy = load_policy(Path(settings.rbac_config)) if settings.multi_user else Policy()
@@ -186,6 +194,26 @@ def make_auth(config: Config, backend: Backend, reactor: Any, top: service.Multi
     ).setServiceParent(top)
     if settings.audit_log:
         AuditDestination(settings.audit_log).setServiceParent(top)
+    if settings.mode in ("oidc", "google"):
+        sealer = Sealer(master, b"pulumid sign-in")
+        client = OIDCClient(settings, reactor, fetch_json, post_form, sealer)
+        auth.people = People(
+            client,
+            backend.store,
+            reactor,
+            sealer,
+            authenticator,
+            auth.audit,
+            settings.cli_token_days,
+            backend.node,
+        )
+        SafeTimer(
+            "oidc-recheck",
+            settings.oidc_recheck_interval,
+            auth.people.recheck,
+            clock=reactor,
+            now=False,
+        ).setServiceParent(top)
     return auth
 
 

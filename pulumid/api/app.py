@@ -7,6 +7,7 @@ werkzeug's NotFound reaches the shared error handler and becomes a JSON 404.
 from __future__ import annotations
 
 from pulumid.api.identity import IdentityRoutes
+from pulumid.api.login import LoginRoutes
 from pulumid.api.orgs import OrgRoutes
 from pulumid.api.secrets import SecretRoutes
 from pulumid.api.stacks import StackRoutes
@@ -14,5 +15,7 @@ from pulumid.api.tokens import TokenRoutes
 from pulumid.api.updates import UpdateRoutes
 
 
-class API(IdentityRoutes, StackRoutes, SecretRoutes, UpdateRoutes, TokenRoutes, OrgRoutes):
+class API(
+    IdentityRoutes, StackRoutes, SecretRoutes, UpdateRoutes, TokenRoutes, OrgRoutes, LoginRoutes
+):
     """Every route of the API, over one Backend."""

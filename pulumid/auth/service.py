@@ -21,8 +21,9 @@ class Auth:
     access: Access
     audit: AuditTrail
     trusted_proxies: Sequence[Network] = ()
-    # Set in the modes that have them (pulumid.auth.oidc, pulumid.auth.exchange).
-    oidc: Any = None
+    # Set in the modes that have them: pulumid.auth.people.People (oidc, google) and
+    # pulumid.auth.exchange.TokenExchange.
+    people: Any = None
     exchange: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 

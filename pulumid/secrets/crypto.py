@@ -16,7 +16,9 @@ import os
 import string
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 FORMAT_VERSION = 1
 KEY_SIZE = 32
@@ -70,6 +72,11 @@ class MasterKey:
 
     def _aead(self) -> AESGCM:
         return AESGCM(self._key)
+
+    def derive(self, purpose: bytes) -> bytes:
+        """A separate 256-bit key for PURPOSE (HKDF-SHA256): other uses never see this one."""
+        hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=None, info=purpose)
+        return hkdf.derive(self._key)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, MasterKey):

@@ -195,6 +195,10 @@ class Daemon:
         return f"http://127.0.0.1:{self.port}"
 
     @property
+    def multi_user(self) -> bool:
+        return self.flags.get("auth_mode", "single-tenant") != "single-tenant"
+
+    @property
     def db_path(self) -> Path:
         return self.workdir / "pulumid.sqlite"
 
@@ -206,7 +210,7 @@ class Daemon:
         base: dict[str, object] = {
             "listen": f"tcp:{self.port}:interface=127.0.0.1",
             "database": self.db_path,
-            "token": self.token,
+            "token": None if self.multi_user else self.token,
             "master_key": self.master_key,
             "organization": self.org,
             "user": self.user,
@@ -265,7 +269,8 @@ class Daemon:
                 )
             try:
                 response = self.api("GET", "/api/capabilities", timeout=2)
-                if response.status == 200:
+                # Multi-user daemons (no shared token) answer 401: up, and refusing strangers.
+                if response.status == 200 or (self.multi_user and response.status == 401):
                     return self
                 last = f"{response.status} {response.body!r}"
             except OSError as exc:
