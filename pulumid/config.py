@@ -50,6 +50,9 @@ class AuthConfig:
     public_url: str = ""
     cli_token_days: float = 30.0
     google_hosted_domains: str = ""
+    google_service_account_file: str = ""
+    google_admin_email: str = ""
+    google_directory_url: str = "https://admin.googleapis.com/admin/directory/v1"
 
     @property
     def multi_user(self) -> bool:
@@ -297,6 +300,25 @@ _PARAMETERS: list[tuple[str, Any, Callable[[str], Any] | None, str]] = [
         None,
         "google mode: comma-separated Workspace domains (`hd` claim) allowed to sign in",
     ),
+    (
+        "google-service-account-file",
+        None,
+        None,
+        "google mode: key file of a service account with domain-wide delegation, to read "
+        "people's Workspace groups (without it, google mode has no groups)",
+    ),
+    (
+        "google-admin-email",
+        None,
+        None,
+        "google mode: the Workspace admin the service account acts as for the groups",
+    ),
+    (
+        "google-directory-url",
+        "https://admin.googleapis.com/admin/directory/v1",
+        None,
+        "google mode: the Admin SDK Directory API base URL",
+    ),
 ]
 
 
@@ -511,6 +533,10 @@ def _auth_config(opts: usage.Options | dict[str, Any]) -> AuthConfig:
         public_url=_text(opts, "public-url").rstrip("/"),
         cli_token_days=float(opts.get("cli-token-days", 30.0)),
         google_hosted_domains=_text(opts, "google-hosted-domains"),
+        google_service_account_file=_text(opts, "google-service-account-file"),
+        google_admin_email=_text(opts, "google-admin-email"),
+        google_directory_url=_text(opts, "google-directory-url")
+        or "https://admin.googleapis.com/admin/directory/v1",
     )
     _check_auth(auth)
     return auth
@@ -564,6 +590,18 @@ def _check_auth(auth: AuthConfig) -> None:
         raise usage.UsageError(
             "--auth-mode google needs --google-hosted-domains: the Workspace domains allowed"
         )
+    if auth.google_service_account_file:
+        from pulumid.auth.google import ServiceAccount
+
+        if not auth.google_admin_email:
+            raise usage.UsageError(
+                "--google-service-account-file needs --google-admin-email (the Workspace admin "
+                "it acts as to read groups)"
+            )
+        try:
+            ServiceAccount.load(auth.google_service_account_file)
+        except ValueError as e:
+            raise usage.UsageError(f"--google-service-account-file: {e}") from None
 
 
 def _faults() -> str:

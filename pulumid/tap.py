@@ -20,6 +20,7 @@ from pulumid.api.http import limited_request_factory
 from pulumid.auth.access import Access, PolicyHolder
 from pulumid.auth.authn import Authenticator
 from pulumid.auth.exchange import TokenExchange
+from pulumid.auth.google import ServiceAccount, WorkspaceGroups, get_json, post_json_form
 from pulumid.auth.jwt import JWKSKeys, JWTVerifier, StaticKey, fetch_json, principal_of
 from pulumid.auth.oidc import OIDCClient, Sealer, post_form
 from pulumid.auth.people import People
@@ -206,6 +207,7 @@ def make_auth(
             auth.audit,
             settings.cli_token_days,
             backend.node,
+            _workspace(settings, reactor),
         )
         SafeTimer(
             "oidc-recheck",
@@ -215,6 +217,19 @@ def make_auth(
             now=False,
         ).setServiceParent(top)
     return auth
+
+
+def _workspace(settings: AuthConfig, reactor: Any) -> WorkspaceGroups | None:
+    if settings.mode != "google" or not settings.google_service_account_file:
+        return None
+    return WorkspaceGroups(
+        ServiceAccount.load(settings.google_service_account_file),
+        settings.google_admin_email,
+        get_json,
+        post_json_form,
+        reactor,
+        settings.google_directory_url,
+    )
 
 
 def _jwt_check(settings: AuthConfig, reactor: Any) -> Any:

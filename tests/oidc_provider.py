@@ -54,6 +54,7 @@ class OIDCUser:
     groups: list[str] = field(default_factory=list)
     name: str = ""
     email_verified: bool = True
+    hd: str = ""  # Google Workspace's hosted-domain claim, when set
 
 
 DEFAULT_USERS: tuple[OIDCUser, ...] = (

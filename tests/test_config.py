@@ -274,3 +274,74 @@ def test_storage_options() -> None:
             parse("--token", TOKEN, "--db-pool-size", size)
     with pytest.raises(UsageError, match="--database"):
         parse("--token", TOKEN, "--database", "  ")
+
+
+# -- who may sign in ----------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_example_rbac_file_is_valid() -> None:
+    from pulumid.auth.rbac import load_policy
+
+    policy = load_policy(REPO / "conf" / "rbac.yaml")
+    assert set(policy.organizations) == {"acme", "research"}
+    assert policy.issuers[0].issuer == "https://token.actions.githubusercontent.com"
+
+
+def test_multi_user_modes_fail_closed(tmp_path: Path) -> None:
+    rbac = tmp_path / "rbac.yaml"
+    rbac.write_text("organizations: {acme: {default_role: read}}\n")
+    with pytest.raises(UsageError, match="needs --rbac-config"):
+        parse("--auth-mode", "jwt", "--jwt-jwks-url", "http://127.0.0.1:1/jwks")
+    with pytest.raises(UsageError, match="has no shared token"):
+        parse(
+            "--auth-mode",
+            "jwt",
+            "--rbac-config",
+            str(rbac),
+            "--jwt-jwks-url",
+            "http://x",
+            "--token",
+            TOKEN,
+        )
+    with pytest.raises(UsageError, match="exactly one of"):
+        parse("--auth-mode", "jwt", "--rbac-config", str(rbac))
+    with pytest.raises(UsageError, match="at least 32"):
+        parse("--auth-mode", "jwt", "--rbac-config", str(rbac), "--jwt-secret", "short")
+    with pytest.raises(UsageError, match="--oidc-issuer, --oidc-client-id"):
+        parse("--auth-mode", "oidc", "--rbac-config", str(rbac), "--public-url", "https://x")
+    with pytest.raises(UsageError, match="--google-hosted-domains"):
+        parse(
+            "--auth-mode",
+            "google",
+            "--rbac-config",
+            str(rbac),
+            "--oidc-client-id",
+            "c",
+            "--oidc-client-secret",
+            "s",
+            "--public-url",
+            "https://pulumi.example.com",
+        )
+    with pytest.raises(UsageError, match="must be one of"):
+        parse("--auth-mode", "ldap", "--token", TOKEN)
+    rbac.write_text("organizations: {acme: {default_role: root}}\n")
+    with pytest.raises(UsageError, match=r"organizations\.acme\.default_role"):
+        parse("--auth-mode", "jwt", "--rbac-config", str(rbac), "--jwt-jwks-url", "http://x")
+    with pytest.raises(UsageError, match="trusted-proxies"):
+        parse("--token", TOKEN, "--trusted-proxies", "10.0.0.0/8,nonsense")
+
+
+def test_jwt_mode_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rbac = tmp_path / "rbac.yaml"
+    rbac.write_text("organizations: {acme: {default_role: read}}\n")
+    monkeypatch.setenv("PULUMID_AUTH_MODE", "jwt")
+    monkeypatch.setenv("PULUMID_RBAC_CONFIG", str(rbac))
+    monkeypatch.setenv("PULUMID_JWT_SECRET", "s" * 32)
+    monkeypatch.setenv("PULUMID_TRUSTED_PROXIES", "10.0.0.0/8")
+    config = parse()
+    assert config.token == ""
+    assert config.auth.mode == "jwt" and config.auth.multi_user
+    assert config.auth.jwt_secret == "s" * 32
+    assert config.auth.trusted_proxies == "10.0.0.0/8"

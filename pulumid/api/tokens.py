@@ -70,6 +70,15 @@ class TokenRoutes(Routes):
     async def revoke_any_token(self, request: IRequest, token_id: str) -> bytes:
         return await self._revoke(request, token_id, None)
 
+    @route("/api/admin/google-groups-cache", "DELETE", site_admin("groups.refresh"))
+    async def drop_groups_cache(self, request: IRequest) -> bytes:
+        people = self.auth.people
+        if people is None or people.workspace is None:
+            raise NotFound("Not Found: no Workspace groups are read (google mode only)")
+        dropped = people.workspace.drop_cache()
+        changed = await people.refresh_groups()
+        return json_response(request, {"dropped": dropped, "changed": changed})
+
     async def _revoke(self, request: IRequest, token_id: str, login: str | None) -> bytes:
         if not await self.backend.store.delete_token(token_id, login):
             raise NotFound(f"Not Found: no token {token_id!r}")

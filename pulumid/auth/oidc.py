@@ -100,7 +100,8 @@ class OIDCClient:
     ) -> None:
         self.settings = settings
         self.google = settings.mode == "google"
-        self.issuer = GOOGLE_ISSUER if self.google else settings.oidc_issuer
+        # --oidc-issuer may name another issuer in google mode too (a test double, a proxy).
+        self.issuer = settings.oidc_issuer or GOOGLE_ISSUER
         self._clock = clock
         self._fetch = fetch
         self._post = post

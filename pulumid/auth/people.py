@@ -10,6 +10,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from pulumid.auth.authn import Authenticator
+from pulumid.auth.google import WorkspaceGroups
 from pulumid.auth.oidc import OIDCClient, Revoked, Sealer, SignIn
 from pulumid.auth.tokens import hash_token, new_token
 from pulumid.errors import PulumidError
@@ -34,6 +35,7 @@ class People:
         audit: AuditTrail,
         token_days: float,
         node: str,
+        workspace: WorkspaceGroups | None = None,
     ) -> None:
         self.client = client
         self._store = store
@@ -43,9 +45,12 @@ class People:
         self._audit = audit
         self._token_days = token_days
         self._node = node
+        self.workspace = workspace
 
     async def signed_in(self, sign_in: SignIn) -> str:
         """Record the person (again) and mint the token the CLI will hold; returns it."""
+        if self.workspace is not None:
+            sign_in = replace(sign_in, groups=await self.workspace.groups_of(sign_in.email))
         now = self._clock.seconds()
         known = await self._store.get_identity(sign_in.login)
         refresh = (
@@ -80,6 +85,21 @@ class People:
             )
         )
         return value
+
+    async def refresh_groups(self) -> int:
+        """Read every Workspace person's groups again now (after the cache was dropped)."""
+        if self.workspace is None:
+            return 0
+        changed = 0
+        for person in await self._store.list_identities():
+            if person.disabled or person.provider != "google" or not person.email:
+                continue
+            groups = await self.workspace.groups_of(person.email)
+            if groups != person.groups:
+                await self._store.put_identity(replace(person, groups=groups))
+                self._authenticator.forget_login(person.login)
+                changed += 1
+        return changed
 
     async def recheck(self) -> int:
         """Ask the provider about everyone due; returns how many were disabled."""
@@ -118,7 +138,9 @@ class People:
             log.info("{login} was disabled: the provider refused their refresh", login=person.login)
             return False
         groups = person.groups
-        if claims is not None:
+        if self.workspace is not None:
+            groups = await self.workspace.groups_of(person.email)
+        elif claims is not None:
             _login, _name, _email, groups = self.client.identity(claims)
         sealed = person.refresh_token
         if rotated:

@@ -152,6 +152,8 @@ function account(login) {
         name: user.name ?? login,
         preferred_username: login,
         groups: user.groups ?? [],
+        // Google Workspace's hosted domain, for accounts that have one.
+        ...(user.hd ? { hd: user.hd } : {}),
       };
     },
   };
@@ -247,7 +249,7 @@ function makeProvider(issuer) {
     claims: {
       openid: ['sub'],
       email: ['email', 'email_verified'],
-      profile: ['name', 'preferred_username'],
+      profile: ['name', 'preferred_username', 'hd'],
       groups: ['groups'],
     },
     scopes: ['openid', 'offline_access', 'email', 'profile', 'groups'],
