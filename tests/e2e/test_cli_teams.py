@@ -7,6 +7,7 @@ import http.cookiejar
 import os
 import pty
 import select
+import signal
 import subprocess
 import threading
 import time
@@ -108,6 +109,16 @@ def test_jwt_users_get_the_roles_of_their_groups(
     refused = bob.fail("up", "--yes", "--skip-preview", cwd=work)
     assert "bob@example.com has the read role on stack acme/teams/dev" in refused, refused
     assert "this needs write" in refused
+
+    # The RBAC file changes and the daemon is told (SIGHUP): readers may write now.
+    policy = tmp_path / "rbac.yaml"
+    policy.write_text(policy.read_text().replace("readers: read", "readers: write"))
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: "reloaded" in daemon.log_text(), 20, "the daemon to reload the RBAC file"
+    )
+    bob.run("up", "--yes", "--skip-preview", cwd=work)
 
     # A token signed by a key the issuer never published is refused at login.
     mallory = make_cli(cli_version, daemon)
