@@ -126,7 +126,8 @@ class Authenticator:
 
     async def _look_up_token(self, token_hash: str, now: float) -> Principal:
         record = await self._store.find_token(token_hash)
-        if record is None:
+        # The index found it by hash; the comparison that decides is constant-time.
+        if record is None or not same(record.token_hash, token_hash):
             raise Unauthorized(NO_CREDENTIALS)
         principal = await self._principal_of(record)
         self._tokens[token_hash] = (principal, now + CACHE_SECONDS)
