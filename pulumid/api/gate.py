@@ -34,6 +34,8 @@ class Gate:
         path = getattr(getattr(request, "channel", None), "_path", b"") or b""
         public_limit = PUBLIC_BODIES.get(path.split(b"?", 1)[0])
         if public_limit is not None:
+            # Also cuts a chunked body off at the limit as it arrives.
+            request.max_body_size = public_limit
             if length is not None and length > public_limit:
                 return TooLarge(f"Payload Too Large: the request body exceeds {public_limit} bytes")
             return None

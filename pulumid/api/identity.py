@@ -39,9 +39,11 @@ class IdentityRoutes(Routes):
     def user(self, request: IRequest) -> bytes:
         caller = self.principal(request)
         orgs = self._organizations(caller)
+        # An exchanged token shows as its organization (or team), as Pulumi Cloud's do.
+        login = caller.name if caller.kind == "exchange" else caller.login
         body: dict[str, Any] = {
-            "id": caller.login,
-            "githubLogin": caller.login,
+            "id": login,
+            "githubLogin": login,
             "name": caller.name or caller.login,
             "email": caller.email,
             "avatarUrl": "",

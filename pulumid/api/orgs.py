@@ -9,7 +9,7 @@ from twisted.web.iweb import IRequest
 
 from pulumid.api.base import Routes, int_arg, query, route
 from pulumid.api.http import json_response
-from pulumid.auth.access import org
+from pulumid.auth.access import org, site_admin
 from pulumid.auth.rbac import Grants
 from pulumid.auth.roles import Role
 from pulumid.errors import BadRequest, NotFound
@@ -84,6 +84,14 @@ class OrgRoutes(Routes):
 
     @route("/api/orgs/<org>/auditlogs", "GET", org(Role.ADMIN))
     async def audit_logs(self, request: IRequest, org: str) -> bytes:
+        return await self._audit_page(request, org)
+
+    @route("/api/admin/auditlogs", "GET", site_admin())
+    async def site_audit_logs(self, request: IRequest) -> bytes:
+        """What belongs to no organization: sign-ins, tokens, refused exchanges."""
+        return await self._audit_page(request, "")
+
+    async def _audit_page(self, request: IRequest, org: str) -> bytes:
         args = query(request)
         before = int_arg(args["continuationToken"]) if args.get("continuationToken") else 0
         start = _time_arg(args.get("startTime"))

@@ -13,9 +13,10 @@ from twisted.web.iweb import IRequest
 from pulumid.api.base import Routes, route
 from pulumid.api.http import json_response, no_content, read_body
 from pulumid.auth.access import PUBLIC, SIGNED_IN, signed_in, site_admin
+from pulumid.auth.exchange import OAuthError
 from pulumid.auth.principal import Principal
 from pulumid.auth.tokens import hash_token, new_token
-from pulumid.errors import BadRequest, Forbidden, NotFound
+from pulumid.errors import BadRequest, Forbidden, NotFound, PulumidError
 from pulumid.storage.records import IdentityRecord, TokenRecord
 
 FORM_LIMIT = 64 * 1024
@@ -93,21 +94,23 @@ class TokenRoutes(Routes):
         return caller
 
     async def _remember(self, caller: Principal, now: float) -> None:
-        """A JWT user has no stored identity until they make a token: record who they are."""
+        """Record who a JWT user is (their tokens act as this): their groups as of now."""
         known = await self.backend.store.get_identity(caller.login)
-        if known is not None:
+        groups = tuple(sorted(caller.groups))
+        if known is not None and (known.provider != "jwt" or known.groups == groups):
             return
         await self.backend.store.put_identity(
             IdentityRecord(
                 login=caller.login,
                 name=caller.name,
                 email=caller.email,
-                groups=tuple(sorted(caller.groups)),
+                groups=groups,
                 provider=self.auth.mode,
-                created=now,
+                created=known.created if known else now,
                 checked=now,
             )
         )
+        self.auth.authenticator.forget_login(caller.login)
 
     # -- RFC 8693 -------------------------------------------------------------------------
 
@@ -116,11 +119,13 @@ class TokenRoutes(Routes):
         exchange = self.auth.exchange
         if exchange is None:
             raise NotFound("Not Found: token exchange is not configured")
-        raw = await read_body(request, self.cpu, FORM_LIMIT)
         try:
+            raw = await read_body(request, self.cpu, FORM_LIMIT)
             fields = parse_qs(raw.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
         except UnicodeDecodeError:
-            raise BadRequest("Bad Request: the form is not valid UTF-8") from None
+            raise OAuthError(400, "invalid_request", "the form is not valid UTF-8") from None
+        except PulumidError as e:
+            raise OAuthError(e.status, "invalid_request", e.message) from None
         form = {key: values[-1] for key, values in fields.items()}
         audience = form.get("audience", "")
         try:

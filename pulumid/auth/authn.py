@@ -149,7 +149,8 @@ class Authenticator:
         }
         if record.kind == "exchange":
             grants = {record.org: Role.parse(record.role, "token")}
-            return Principal("exchange", record.login, name=record.login, grants=grants, **common)
+            shown = record.login.removeprefix("exchange:")  # the organization or org/team
+            return Principal("exchange", record.login, name=shown, grants=grants, **common)
         if not self._multi_user:
             return Principal("site", self.site_login, name=self.site_login, **common)
         identity = await self._store.get_identity(record.login)

@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from pulumid.auth.jwt import Fetch, JWKSKeys, JWTVerifier, unverified_claims
 from pulumid.auth.rbac import Policy, TrustedIssuer
 from pulumid.auth.tokens import hash_token, new_token
-from pulumid.errors import Forbidden, PulumidError, Unauthorized
+from pulumid.errors import PulumidError, Unauthorized
 from pulumid.storage.interface import Store
 from pulumid.storage.records import TokenRecord
 
@@ -33,6 +33,7 @@ SUBJECT_TYPES = (
 TOKEN_TYPE = "urn:pulumi:token-type:access_token:"
 AUDIENCE = "urn:pulumi:org:"
 DEFAULT_LIFETIME = 7200
+EXCHANGED = "exchange:"  # prefix of the login of every exchanged token
 
 
 class OAuthError(PulumidError):
@@ -106,7 +107,9 @@ class TokenExchange:
         now = self._clock.seconds()
         lifetime = int(min(lifetime, rule.max_lifetime))
         value = "pul-" + new_token()
-        login = scope.removeprefix("team:") if kind == "team" else org
+        # A namespace of their own: the job chooses the team name, and must not be able to
+        # pass for a person (whose tokens, audit trail and admin rights are theirs).
+        login = EXCHANGED + (f"{org}/{scope.removeprefix('team:')}" if kind == "team" else org)
         await self._store.create_token(
             TokenRecord(
                 id=secrets.token_hex(16),
@@ -177,7 +180,7 @@ class TokenExchange:
             document = await self._fetch(f"{issuer}/.well-known/openid-configuration")
             uri = document.get("jwks_uri") if isinstance(document, dict) else None
             if not isinstance(uri, str):
-                raise Forbidden(f"Forbidden: the issuer {issuer} publishes no jwks_uri")
+                raise ValueError(f"the issuer {issuer} publishes no jwks_uri")
             return uri
 
         return jwks_uri

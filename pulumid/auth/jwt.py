@@ -66,6 +66,7 @@ class JWKSKeys:
         self._clock = clock
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched = float("-inf")
+        self._unreachable = False
 
     async def key_for(self, kid: str | None, alg: str) -> Any:
         now = self._clock.seconds()
@@ -75,6 +76,8 @@ class JWKSKeys:
         if key is None and now - self._fetched >= self.MIN_REFETCH:
             await self._refresh(now)
             key = self._pick(kid, alg)
+        if key is None and self._unreachable:
+            raise InvalidToken("the issuer's signing keys cannot be fetched")
         if key is None:
             raise InvalidToken(f"the token's signing key {kid!r} is not one of the issuer's keys")
         return key.key
@@ -86,8 +89,10 @@ class JWKSKeys:
         return usable[0] if len(usable) == 1 else None
 
     async def _refresh(self, now: float) -> None:
-        url = self._url if isinstance(self._url, str) else await self._url()
+        url = self._url if isinstance(self._url, str) else "(from discovery)"
         try:
+            if not isinstance(self._url, str):
+                url = await self._url()
             document = await self._fetch(url)
             keys: dict[str, jwt.PyJWK] = {}
             for entry in document.get("keys", []):
@@ -100,10 +105,13 @@ class JWKSKeys:
                 keys[str(entry.get("kid", ""))] = key
         except Exception as e:
             log.warn("cannot read the JWKS at {url}: {error}", url=url, error=e)
+            # A failure counts as a fetch too: a dead JWKS is not asked again per request.
+            self._fetched = now
             if not self._keys:
+                self._unreachable = True
                 raise InvalidToken("the issuer's signing keys cannot be fetched") from None
             return  # keep the keys we had
-        self._keys, self._fetched = keys, now
+        self._keys, self._fetched, self._unreachable = keys, now, False
 
 
 class JWTVerifier:

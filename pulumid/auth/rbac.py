@@ -42,11 +42,8 @@ class Grants:
 
     def match(self, principal: Principal) -> Role | None:
         """The highest role that names this principal, else the default (None if unset)."""
-        found = [
-            role
-            for key, role in self.users.items()
-            if key in (principal.login.lower(), principal.email.lower())
-        ]
+        names = {n.lower() for n in (principal.login, principal.email) if n}
+        found = [role for key, role in self.users.items() if key in names]
         found += [role for group, role in self.groups.items() if group in principal.groups]
         return max(found) if found else self.default
 
@@ -99,7 +96,10 @@ class Policy:
     # -- decisions ------------------------------------------------------------------------
 
     def is_site_admin(self, principal: Principal) -> bool:
-        return principal.site or self.admins.match(principal) == Role.ADMIN
+        # Only people: an exchanged token's name is chosen by the job that asked for it.
+        if principal.kind != "user":
+            return principal.site
+        return self.admins.match(principal) == Role.ADMIN
 
     def org_role(self, principal: Principal, org: str) -> Role:
         if self.is_site_admin(principal):
@@ -210,6 +210,10 @@ def _grants(body: Mapping[str, Any], where: str, extra: Iterable[str] = ()) -> G
     users = _mapping(body.get("users") or {}, f"{where}.users")
     groups = _mapping(body.get("groups") or {}, f"{where}.groups")
     default = body.get("default_role")
+    for key in users:
+        _text(key, f"{where}.users: a name")
+    for key in groups:
+        _text(key, f"{where}.groups: a name")
     return Grants(
         users={str(k).lower(): Role.parse(v, f"{where}.users.{k}") for k, v in users.items()},
         groups={str(k): Role.parse(v, f"{where}.groups.{k}") for k, v in groups.items()},
