@@ -61,7 +61,7 @@ class LoginRoutes(Routes):
             raise BadRequest("Bad Request: the provider sent no code or state")
         binding = (request.getCookie(COOKIE.encode()) or b"").decode("latin-1")
         try:
-            sign_in = await people.client.finish(code, state, binding)
+            sign_in = await people.with_groups(await people.client.finish(code, state, binding))
             if self.auth.multi_user and not self.auth.access.policy.organizations_of(
                 _as_principal(sign_in)
             ):

@@ -86,14 +86,18 @@ class WorkspaceGroups:
         token = await self._access_token(now)
         found: set[str] = set()
         page = ""
+        retried = False
         for _ in range(MAX_PAGES):
             query = {"userKey": email, "maxResults": "200"}
             if page:
                 query["pageToken"] = page
-            status, body = await self._get(
-                f"{self._directory}/groups?{urlencode(query)}",
-                {"Authorization": f"Bearer {token}"},
-            )
+            url = f"{self._directory}/groups?{urlencode(query)}"
+            status, body = await self._get(url, {"Authorization": f"Bearer {token}"})
+            if status == 401 and not retried:
+                # Google dropped the access token early: get another, once.
+                retried, self._token = True, None
+                token = await self._access_token(now)
+                status, body = await self._get(url, {"Authorization": f"Bearer {token}"})
             if status != 200 or not isinstance(body, dict):
                 raise Unavailable(f"Service Unavailable: Google's Directory API answered {status}")
             for group in body.get("groups") or []:

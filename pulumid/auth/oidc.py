@@ -216,7 +216,9 @@ class OIDCClient:
         if domains and email.rpartition("@")[2].lower() not in domains:
             raise SignInRefused(f"Forbidden: {email or 'this account'} is not in an allowed domain")
         if self.google:
-            hosted = [d.strip().lower() for d in settings.google_hosted_domains.split(",")]
+            hosted = [
+                d.strip().lower() for d in settings.google_hosted_domains.split(",") if d.strip()
+            ]
             if str(claims.get("hd", "")).lower() not in hosted:
                 raise SignInRefused("Forbidden: this Google account is not in an allowed domain")
         login = claims.get(settings.username_claim) or claims.get("sub")

@@ -47,10 +47,16 @@ class People:
         self._node = node
         self.workspace = workspace
 
+    async def with_groups(self, sign_in: SignIn) -> SignIn:
+        """The sign-in with the person's Workspace groups (google mode) in place of the
+        ID token's (Google's carry none)."""
+        if self.workspace is None:
+            return sign_in
+        return replace(sign_in, groups=await self.workspace.groups_of(sign_in.email))
+
     async def signed_in(self, sign_in: SignIn) -> str:
-        """Record the person (again) and mint the token the CLI will hold; returns it."""
-        if self.workspace is not None:
-            sign_in = replace(sign_in, groups=await self.workspace.groups_of(sign_in.email))
+        """Record the person (again) and mint the token the CLI will hold; returns it.
+        SIGN_IN carries the groups that decide (see with_groups)."""
         now = self._clock.seconds()
         known = await self._store.get_identity(sign_in.login)
         refresh = (
