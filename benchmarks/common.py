@@ -287,6 +287,9 @@ def pulumid_server(
         *extra_args,
     ]
     environment = clean_environment()
+    # Several servers run at once: no management listener each on 9090 (older sources that
+    # do not know the variable ignore it).
+    environment["PULUMID_MANAGEMENT_LISTEN"] = "none"
     environment.update(env or {})
     environment["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(source), environment.get("PYTHONPATH", "")) if p

@@ -62,6 +62,9 @@ class AuthConfig:
 @dataclass(frozen=True)
 class Config:
     listen: tuple[str, ...] = ("tcp:8080:interface=127.0.0.1",)
+    # Health, readiness and metrics; "none" turns the listener off.
+    management_listen: str = "tcp:9090:interface=127.0.0.1"
+    insecure_http: bool = False
     # A SQLite file path, or a postgresql:// URL (or libpq key=value string) shared by nodes.
     database: str = "pulumid.db"
     # "inline" keeps state blobs in the database; s3://bucket/prefix?... in object storage.
@@ -162,6 +165,12 @@ _PARAMETERS: list[tuple[str, Any, Callable[[str], Any] | None, str]] = [
         4,
         _positive_int,
         "Database connections (and threads) per node, with PostgreSQL; SQLite uses one",
+    ),
+    (
+        "management-listen",
+        "tcp:9090:interface=127.0.0.1",
+        None,
+        "Endpoint of /healthz, /readyz and /metrics ('none' for no listener)",
     ),
     ("token", None, None, "The single-tenant access token the CLI logs in with (required)"),
     ("token-file", None, None, "Read the access token from this file instead"),
@@ -344,6 +353,11 @@ _BOOLEANS: list[tuple[str, bool, str]] = [
         "accept journal entries from CLIs that offer them (3.225+), instead of checkpoints",
     ),
     (
+        "insecure-http",
+        False,
+        "allow the API on a non-loopback address without TLS (behind a TLS-terminating proxy)",
+    ),
+    (
         "delta-checkpoints",
         True,
         "advertise delta checkpoints to CLIs that do not journal (their checkpoint writer then "
@@ -434,6 +448,15 @@ def build_config(opts: usage.Options | dict[str, Any]) -> Config:
     if not listen:
         env_listen = os.environ.get(env_name("listen"), "tcp:8080:interface=127.0.0.1")
         listen = [part.strip() for part in env_listen.split(",") if part.strip()]
+    insecure_http = _flag(opts, "insecure-http")
+    for description in listen:
+        if not insecure_http and plain_http_beyond_loopback(description):
+            raise usage.UsageError(
+                f"--listen {description} serves plain HTTP beyond this machine: tokens and "
+                "state would cross the network in clear. Use TLS, or pass --insecure-http "
+                "(PULUMID_INSECURE_HTTP=true) behind a proxy that terminates TLS"
+            )
+    management = _text(opts, "management-listen") or "tcp:9090:interface=127.0.0.1"
     auth = _auth_config(opts)
     token = _secret(opts, "token") or ""
     if auth.multi_user:
@@ -496,7 +519,23 @@ def build_config(opts: usage.Options | dict[str, Any]) -> Config:
         retention_interval=float(opts["retention-interval"]),
         test_faults=_faults(),
         auth=auth,
+        management_listen=management,
+        insecure_http=insecure_http,
     )
+
+
+_LOOPBACK = ("127.", "::1", "localhost")
+
+
+def plain_http_beyond_loopback(description: str) -> bool:
+    """Whether a Twisted endpoint description listens on TCP, without TLS, beyond loopback."""
+    kind, _, rest = description.partition(":")
+    if kind.lower() not in ("tcp", "tcp6") or not rest:
+        return False  # ssl:, unix:, systemd: and the like
+    parts = rest.replace("\\:", "\0").split(":")  # "\:" escapes a colon (IPv6)
+    options = dict(p.replace("\0", ":").split("=", 1) for p in parts if "=" in p)
+    interface = options.get("interface", "").strip("[]")
+    return not interface.startswith(_LOOPBACK)
 
 
 def _text(opts: usage.Options | dict[str, Any], name: str) -> str:

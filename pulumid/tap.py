@@ -32,13 +32,17 @@ from pulumid.engine.backend import Backend
 from pulumid.engine.events import EventWriter
 from pulumid.engine.inflight import InFlight
 from pulumid.engine.secrets import MasterKeyMismatch, StackSecrets
+from pulumid.ops.access import APISite
 from pulumid.ops.audit import AuditDestination, AuditTrail
+from pulumid.ops.management import Management
+from pulumid.ops.metrics import Metrics
 from pulumid.secrets.crypto import MasterKey
 from pulumid.services.timers import SafeTimer
 from pulumid.storage.blobs import S3Blobs
 from pulumid.storage.faults import Faults
 from pulumid.storage.interface import Store
 from pulumid.storage.split import BlobbedStore
+from pulumid.storage.sql import SQLStore
 from pulumid.storage.sqlite import SchemaTooNew, SQLiteStore, StorageUnusable
 from pulumid.threads import InlineRunner, PoolRunner, Runner, cpu_pool_size
 
@@ -116,6 +120,27 @@ def _open_blobs(config: Config, meta: Store, top: service.MultiService, reactor:
     return BlobbedStore(meta, S3Blobs.open(config.blob_store, runner, max_connections=BLOB_THREADS))
 
 
+def _blob_pools(top: service.MultiService) -> list[PoolRunner]:
+    return [s for s in top if isinstance(s, PoolRunner) and s.name == "threads-blobs"]
+
+
+def _metrics(meta: Store, pools: list[PoolRunner]) -> Metrics:
+    metrics = Metrics()
+    if isinstance(meta, SQLStore):
+        histogram = metrics.db_seconds
+        meta.timing = lambda name, seconds: histogram.labels(name).observe(seconds)
+
+    def queued() -> dict[str, float]:
+        return {p.pool.name or "": float(p.backlog) for p in pools}
+
+    def busy() -> dict[str, float]:
+        return {p.pool.name or "": float(p.busy) for p in pools}
+
+    metrics.gauge("pulumid_thread_pool_queue_depth", "Calls waiting for a thread", queued)
+    metrics.gauge("pulumid_thread_pool_busy_threads", "Threads running a call", busy)
+    return metrics
+
+
 def make_backend(config: Config, reactor: Any) -> tuple[service.MultiService, Backend]:
     top = service.MultiService()
     db = PoolRunner(reactor, "db", config.db_pool_size if config.postgres else 1)
@@ -143,6 +168,7 @@ def make_backend(config: Config, reactor: Any) -> tuple[service.MultiService, Ba
     events = EventWriter(store)
     inflight = InFlight(store, cpu, reactor, config.max_body_size, config.inflight_memory)
     backend = Backend(config, store, reactor, cpu, secrets, events, inflight)
+    backend.metrics = _metrics(meta, [db, cpu, *_blob_pools(top)])
     sweep = max(0.5, min(config.lease_ttl / 4, 15.0))
     SafeTimer("lease-expiry", sweep, backend.expire_leases, clock=reactor).setServiceParent(top)
     SafeTimer(
@@ -267,10 +293,28 @@ async def collect_blobs(store: BlobbedStore, backend: Backend) -> int:
 def make_site(backend: Backend) -> Site:
     config = backend.config
     auth: Auth = backend.auth
-    site = Site(API(backend, auth).resource())
+    site = APISite(API(backend, auth).resource())
+    site.metrics = backend.metrics
     site.requestFactory = limited_request_factory(config.max_body_size, Gate(auth.authenticator))
     site.displayTracebacks = False
     return site
+
+
+def make_management(backend: Backend, startup: StackSecrets) -> Management:
+    """The management site's checks: the database answers, the master key still fits."""
+
+    async def database() -> str | None:
+        await backend.store.get_meta("master_key_canary")
+        return None
+
+    async def master_key() -> str | None:
+        try:
+            await startup.check_master_key()
+        except MasterKeyMismatch as e:
+            return str(e)
+        return None
+
+    return Management(backend.metrics, {"database": database, "master_key": master_key})
 
 
 def makeService(options: Options) -> service.IService:
@@ -282,5 +326,10 @@ def makeService(options: Options) -> service.IService:
     for description in config.listen:
         listener = strports.service(description, site)
         listener.setName(f"api:{description}")
+        listener.setServiceParent(top)
+    if config.management_listen.lower() != "none":
+        management = make_management(backend, backend.secrets)
+        listener = strports.service(config.management_listen, management.site())
+        listener.setName("management")
         listener.setServiceParent(top)
     return cast(service.IService, top)

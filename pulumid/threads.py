@@ -47,6 +47,17 @@ class PoolRunner(Runner, Service):
     def run(self, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
         return deferToThreadPool(self._reactor, self.pool, f, *args, **kwargs)
 
+    @property
+    def backlog(self) -> int:
+        """Calls waiting for a thread (metrics)."""
+        team = getattr(self.pool, "_team", None)
+        return int(team.statistics().backloggedWorkCount) if team is not None else 0
+
+    @property
+    def busy(self) -> int:
+        team = getattr(self.pool, "_team", None)
+        return int(team.statistics().busyWorkerCount) if team is not None else 0
+
 
 class InlineRunner(Runner):
     """Runs the callable at once on the calling thread: deterministic unit tests."""

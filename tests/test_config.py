@@ -98,12 +98,12 @@ def test_flag_beats_environment_beats_default(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_listen_and_sync_commits(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PULUMID_LISTEN", "tcp:1, unix:/tmp/s ")
+    monkeypatch.setenv("PULUMID_LISTEN", "tcp:1:interface=127.0.0.1, unix:/tmp/s ")
     monkeypatch.setenv("PULUMID_SYNC_COMMITS", "yes")
     config = parse("--token", TOKEN)
-    assert config.listen == ("tcp:1", "unix:/tmp/s")
+    assert config.listen == ("tcp:1:interface=127.0.0.1", "unix:/tmp/s")
     assert config.sync_commits is True
-    config = parse("--token", TOKEN, "--listen", "tcp:2", "--listen", "tcp:3")
+    config = parse("--token", TOKEN, "--listen", "tcp:2", "--listen", "tcp:3", "--insecure-http")
     assert config.listen == ("tcp:2", "tcp:3")
     monkeypatch.setenv("PULUMID_SYNC_COMMITS", "0")
     assert parse("--token", TOKEN).sync_commits is False

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -53,9 +54,11 @@ def route(path: str, method: str, need: Need) -> Callable[[H], H]:
     def decorate(handler: H) -> H:
         @functools.wraps(handler)
         async def guarded(self: Routes, request: IRequest, **params: str) -> Any:
+            request.route = template  # type: ignore[attr-defined]  # metrics, access log
             return await self._run(handler, need, request, params)
 
         endpoint = f"{handler.__name__}:{method}"
+        template = re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", path)  # <any(..):kind> -> {kind}
         NEEDS[endpoint] = need
         app.route(path, methods=[method], endpoint=endpoint)(guarded)
         return guarded  # type: ignore[return-value]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from io import BytesIO
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -40,6 +41,7 @@ class LimitedRequest(Request):
     principal: Principal | None = None  # the caller, once authenticated
 
     def gotLength(self, length: int | None) -> None:
+        self.started = time.monotonic()
         self.body_too_large = length is not None and length > self.max_body_size
         self.body_received = 0
         self.refused: PulumidError | None = None
@@ -142,7 +144,11 @@ async def read_wire(request: IRequest, cpu: Runner, limit: int) -> tuple[bytes, 
 
 
 async def read_json(request: IRequest, cpu: Runner, limit: int) -> Any:
-    body = await read_body(request, cpu, limit)
+    return await parse_json(await read_body(request, cpu, limit), cpu)
+
+
+async def parse_json(body: bytes, cpu: Runner) -> Any:
+    """A body's JSON ({} when empty), parsed off the reactor when it is large."""
     if not body.strip():
         return {}
     if len(body) < INLINE_LIMIT:

@@ -11,6 +11,7 @@ from pulumid.api.base import BASE, KIND, STATUS, UPDATE, Routes, query, route
 from pulumid.api.http import (
     json_response,
     no_content,
+    parse_json,
     raw_json_response,
     read_body,
     read_json,
@@ -85,6 +86,12 @@ class UpdateRoutes(Routes):
         ref, token = StackRef(org, project, stack), self._update_token(request)
         return ref, token, await self.backend.leased(ref, update_id, token)
 
+    def _stored(self, kind: str, size: int) -> None:
+        metrics = self.backend.metrics
+        if metrics is not None:
+            metrics.update_requests.labels(kind).inc()
+            metrics.body_bytes.labels(kind).inc(size)
+
     @route(f"{UPDATE}/checkpoint", "PATCH", UPDATE_TOKEN)
     async def checkpoint(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
@@ -92,6 +99,7 @@ class UpdateRoutes(Routes):
         ref, token, lease = await self._leased(request, org, project, stack, update_id)
         body = await read_body(request, self.cpu, self.config.max_body_size)
         await self.backend.checkpoint(ref, update_id, token, body, lease)
+        self._stored("checkpoint", len(body))
         return no_content(request)
 
     @route(f"{UPDATE}/checkpointverbatim", "PATCH", UPDATE_TOKEN)
@@ -101,6 +109,7 @@ class UpdateRoutes(Routes):
         ref, token, lease = await self._leased(request, org, project, stack, update_id)
         body = await read_body(request, self.cpu, self.config.max_body_size)
         await self.backend.checkpoint_verbatim(ref, update_id, token, body, lease)
+        self._stored("verbatim", len(body))
         return no_content(request)
 
     @route(f"{UPDATE}/checkpointdelta", "PATCH", UPDATE_TOKEN)
@@ -110,6 +119,7 @@ class UpdateRoutes(Routes):
         ref, token, lease = await self._leased(request, org, project, stack, update_id)
         wire, body = await read_wire(request, self.cpu, self.config.max_body_size)
         await self.backend.checkpoint_delta(ref, update_id, token, wire, body, lease)
+        self._stored("delta", len(body))
         return no_content(request)
 
     @route(f"{UPDATE}/journalentries", "PATCH", UPDATE_TOKEN)
@@ -119,6 +129,7 @@ class UpdateRoutes(Routes):
         ref, token, lease = await self._leased(request, org, project, stack, update_id)
         wire, body = await read_wire(request, self.cpu, self.config.max_body_size)
         await self.backend.journal_entries(ref, update_id, token, wire, body, lease)
+        self._stored("journal", len(body))
         return no_content(request)
 
     @route(f"{UPDATE}/events/batch", "POST", UPDATE_TOKEN)
@@ -126,8 +137,10 @@ class UpdateRoutes(Routes):
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
         ref, token, lease = await self._leased(request, org, project, stack, update_id)
-        body = await read_json(request, self.cpu, self.config.max_body_size)
+        raw = await read_body(request, self.cpu, self.config.max_body_size)
+        body = await parse_json(raw, self.cpu)
         await self.backend.post_events(ref, update_id, token, body, lease)
+        self._stored("events", len(raw))
         return no_content(request)
 
     @route(f"{UPDATE}/events", "POST", UPDATE_TOKEN)

@@ -107,6 +107,8 @@ class Backend:
         self.organizations: Callable[[], list[str]] = lambda: [config.organization, config.user]
         # pulumid.auth.service.Auth, composed in tap.py; the API reads it.
         self.auth: Any = None
+        # pulumid.ops.metrics.Metrics, composed in tap.py.
+        self.metrics: Any = None
 
     # -- identity -------------------------------------------------------------------------
 

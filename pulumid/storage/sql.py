@@ -11,6 +11,7 @@ whose writers are serialised; PostgreSQL's are in postgres.py).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -137,11 +138,24 @@ class SQLStore:
 
     # -- plumbing -------------------------------------------------------------------------
 
+    # Told how long each call took on its thread (name of the operation, seconds): metrics.
+    timing: Callable[[str, float], None] | None = None
+
     def _read(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
-        return self._runner.run(self._reading, f, *args)
+        return self._runner.run(self._timed, self._reading, f, *args)
 
     def _write(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
-        return self._runner.run(self._in_transaction, f, *args)
+        return self._runner.run(self._timed, self._in_transaction, f, *args)
+
+    def _timed(self, how: Callable[..., T], f: Callable[..., T], *args: Any) -> T:
+        timing = self.timing
+        if timing is None:
+            return how(f, *args)
+        started = time.perf_counter()
+        try:
+            return how(f, *args)
+        finally:
+            timing(getattr(f, "__name__", "call").lstrip("_"), time.perf_counter() - started)
 
     # -- meta -----------------------------------------------------------------------------
 

@@ -184,6 +184,7 @@ class Daemon:
     token: str = field(default_factory=lambda: "pul-" + secrets.token_hex(20))
     master_key: str = field(default_factory=lambda: secrets.token_hex(32))
     port: int = field(default_factory=free_port)
+    management_port: int = field(default_factory=free_port)
     # Extra environment for the daemon, applied last at each start: PULUMID_* variables are
     # otherwise dropped (e.g. env={"PULUMID_TEST_FAULTS": "kill@commit:40"}).
     env: dict[str, str] = field(default_factory=dict)
@@ -193,6 +194,10 @@ class Daemon:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.management_port}"
 
     @property
     def multi_user(self) -> bool:
@@ -209,6 +214,7 @@ class Daemon:
     def command(self) -> list[str]:
         base: dict[str, object] = {
             "listen": f"tcp:{self.port}:interface=127.0.0.1",
+            "management_listen": f"tcp:{self.management_port}:interface=127.0.0.1",
             "database": self.db_path,
             "token": None if self.multi_user else self.token,
             "master_key": self.master_key,

@@ -115,9 +115,7 @@ def test_jwt_users_get_the_roles_of_their_groups(
     policy.write_text(policy.read_text().replace("readers: read", "readers: write"))
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGHUP)
-    wait_until(
-        lambda: "reloaded" in daemon.log_text(), 20, "the daemon to reload the RBAC file"
-    )
+    wait_until(lambda: "reloaded" in daemon.log_text(), 20, "the daemon to reload the RBAC file")
     bob.run("up", "--yes", "--skip-preview", cwd=work)
 
     # A token signed by a key the issuer never published is refused at login.

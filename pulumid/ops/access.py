@@ -1,0 +1,32 @@
+"""Per-request accounting: Prometheus request metrics, next to twisted.web's access line.
+
+The API's Site calls `log` once per answered request. The route template (not the path, so
+stack names do not explode the label space) is set by the route wrapper in pulumid.api.base;
+requests that matched no route count as "unmatched".
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from twisted.web.server import Site
+
+from pulumid.ops.metrics import Metrics
+
+
+class APISite(Site):
+    """The API's Site: counts each request when it has been answered, then logs it."""
+
+    metrics: Metrics | None = None
+
+    def log(self, request: Any) -> None:
+        if self.metrics is not None:
+            started = getattr(request, "started", None)
+            elapsed = time.monotonic() - started if started is not None else 0.0
+            method = request.method.decode("ascii", "replace")
+            route = getattr(request, "route", None) or "unmatched"
+            status = str(int(getattr(request, "code", 0) or 0))
+            self.metrics.requests.labels(method, route, status).inc()
+            self.metrics.latency.labels(method, route).observe(elapsed)
+        super().log(request)
