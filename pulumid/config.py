@@ -65,6 +65,12 @@ class Config:
     # Health, readiness and metrics; "none" turns the listener off.
     management_listen: str = "tcp:9090:interface=127.0.0.1"
     insecure_http: bool = False
+    # Slow and hostile clients (pulumid.api.channel).
+    header_timeout: float = 15.0
+    body_timeout: float = 600.0
+    idle_timeout: float = 120.0
+    max_connections_per_ip: int = 256
+    max_header_size: int = 16384
     # A SQLite file path, or a postgresql:// URL (or libpq key=value string) shared by nodes.
     database: str = "pulumid.db"
     # "inline" keeps state blobs in the database; s3://bucket/prefix?... in object storage.
@@ -201,6 +207,26 @@ _PARAMETERS: list[tuple[str, Any, Callable[[str], Any] | None, str]] = [
         _positive_int,
         "Largest request body accepted, in bytes after decompression",
     ),
+    (
+        "header-timeout",
+        15.0,
+        _non_negative_float,
+        "Seconds a request's headers may take from its first byte (0: no limit)",
+    ),
+    (
+        "body-timeout",
+        600.0,
+        _non_negative_float,
+        "Seconds a request's body may take after its headers (0: no limit)",
+    ),
+    ("idle-timeout", 120.0, _positive_float, "Seconds an idle keep-alive connection stays open"),
+    (
+        "max-connections-per-ip",
+        256,
+        _non_negative_int,
+        "Open connections one address may hold (0: no cap; behind a proxy, all are the proxy's)",
+    ),
+    ("max-header-size", 16384, _positive_int, "Largest request head (all headers), in bytes"),
     ("page-size", 100, _positive_int, "Stacks per page of stack listings"),
     (
         "delta-cutoff",
@@ -521,6 +547,11 @@ def build_config(opts: usage.Options | dict[str, Any]) -> Config:
         auth=auth,
         management_listen=management,
         insecure_http=insecure_http,
+        header_timeout=float(opts["header-timeout"]),
+        body_timeout=float(opts["body-timeout"]),
+        idle_timeout=float(opts["idle-timeout"]),
+        max_connections_per_ip=int(opts["max-connections-per-ip"]),
+        max_header_size=int(opts["max-header-size"]),
     )
 
 

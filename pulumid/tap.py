@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from pulumid.api.app import API
+from pulumid.api.channel import GuardedChannel
 from pulumid.api.gate import Gate
 from pulumid.api.http import limited_request_factory
 from pulumid.auth.access import Access, PolicyHolder
@@ -293,8 +294,18 @@ async def collect_blobs(store: BlobbedStore, backend: Backend) -> int:
 def make_site(backend: Backend) -> Site:
     config = backend.config
     auth: Auth = backend.auth
-    site = APISite(API(backend, auth).resource())
+    site = APISite(API(backend, auth).resource(), timeout=config.idle_timeout)
     site.metrics = backend.metrics
+    site.max_per_peer = config.max_connections_per_ip
+    site.protocol = type(  # type: ignore[assignment]
+        "PulumidChannel",
+        (GuardedChannel,),
+        {
+            "header_timeout": config.header_timeout,
+            "body_timeout": config.body_timeout,
+            "totalHeadersSize": config.max_header_size,
+        },
+    )
     site.requestFactory = limited_request_factory(config.max_body_size, Gate(auth.authenticator))
     site.displayTracebacks = False
     return site

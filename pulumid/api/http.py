@@ -24,6 +24,13 @@ from pulumid.threads import Runner
 
 log = Logger()
 
+# Sent with every answer: nothing here is meant to be framed, sniffed or followed by referrer.
+SECURITY_HEADERS = (
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+)
+
 # Below this size JSON and gzip work is cheaper on the reactor than a thread hop.
 INLINE_LIMIT = 64 * 1024
 
@@ -82,6 +89,10 @@ class LimitedRequest(Request):
             super().gotLength(length)
 
     def process(self) -> None:
+        for name, value in SECURITY_HEADERS:
+            self.setHeader(name, value)
+        if self.isSecure():
+            self.setHeader(b"strict-transport-security", b"max-age=31536000")
         # The router needs a UTF-8 URL; answer the others here, with the usual error body.
         try:
             unquote_to_bytes(self.path).decode("utf-8")

@@ -10,15 +10,33 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.web.server import Site
 
+from pulumid.api.channel import GuardedChannel, PeerLimit
 from pulumid.ops.metrics import Metrics
 
+log = Logger()
 
-class APISite(Site):
-    """The API's Site: counts each request when it has been answered, then logs it."""
+
+class APISite(PeerLimit, Site):
+    """The API's Site: guarded connections (pulumid.api.channel), security headers, and each
+    request counted when it has been answered, then logged."""
 
     metrics: Metrics | None = None
+    protocol = GuardedChannel  # type: ignore[assignment]  # HTTP/1.1 only, no h2 upgrade
+
+    def buildProtocol(self, addr: Any) -> Any:
+        host = str(getattr(addr, "host", ""))
+        if not self.admit(host):
+            log.info("refused a connection from {peer}: too many open", peer=host)
+            return None
+        channel = super().buildProtocol(addr)
+        if channel is None:
+            self.release(host)
+            return None
+        channel.peer_host = host
+        return channel
 
     def log(self, request: Any) -> None:
         if self.metrics is not None:
