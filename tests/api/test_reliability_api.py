@@ -138,6 +138,7 @@ async def test_8_an_io_error_at_commit_is_a_503_and_leaves_nothing_behind(tmp_pa
         # and the next transaction rolls back what was left open before it begins.
         base = stack_path()
         update_id, token = await start_update(server, base)
+        await server.backend.auth.audit.flush()  # its audit rows are another commit
         store.faults.arm("ioerror", "commit")
         store.faults.arm("ioerror", "rollback")
         path = f"{base}/update/{update_id}/checkpoint"
@@ -175,6 +176,7 @@ async def test_8_a_failed_journal_commit_can_be_retried(tmp_path: Path) -> None:
             ]
         }
         path = f"{base}/update/{update_id}/journalentries"
+        await server.backend.auth.audit.flush()  # its audit rows are another commit
         store.faults.arm("ioerror", "commit")
         (await server.call("PATCH", path, entries, auth=auth)).assert_error(503)
         # The CLI retries the same batch: it is applied once, not twice and not zero times.
