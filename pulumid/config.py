@@ -71,6 +71,10 @@ class Config:
     idle_timeout: float = 120.0
     max_connections_per_ip: int = 256
     max_header_size: int = 16384
+    # The log (pulumid.ops.logs): json or text lines; which log types reach it.
+    log_format: str = "json"
+    log_types: tuple[str, ...] = ("operational", "access", "audit")
+    access_log: str = ""
     # A SQLite file path, or a postgresql:// URL (or libpq key=value string) shared by nodes.
     database: str = "pulumid.db"
     # "inline" keeps state blobs in the database; s3://bucket/prefix?... in object storage.
@@ -227,6 +231,14 @@ _PARAMETERS: list[tuple[str, Any, Callable[[str], Any] | None, str]] = [
         "Open connections one address may hold (0: no cap; behind a proxy, all are the proxy's)",
     ),
     ("max-header-size", 16384, _positive_int, "Largest request head (all headers), in bytes"),
+    ("log-format", "json", None, "json (one JSON object per line) or text"),
+    (
+        "log-types",
+        "operational,access,audit",
+        None,
+        "Which lines reach the main log (twistd's --logfile, or stdout with -n)",
+    ),
+    ("access-log", "", None, "Also write access lines to stdout, stderr or a file"),
     ("page-size", 100, _positive_int, "Stacks per page of stack listings"),
     (
         "delta-cutoff",
@@ -435,6 +447,22 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         self.config = build_config(self)
+        self._log_through_pulumid()
+
+    def _log_through_pulumid(self) -> None:
+        """Give twistd pulumid's log observer, unless its own --logger was chosen."""
+        parent: Any = getattr(self, "parent", None)
+        if parent is None or parent.get("logger"):
+            return
+        from pulumid.ops import logs
+
+        config = self.config
+        main = parent.get("logfile") or ("-" if parent.get("nodaemon") else "twistd.log")
+        # twistd takes the name of a factory (it imports it after these options are done).
+        logs.SETTINGS = logs.LogSettings(
+            config.log_format, main, config.log_types, config.access_log, config.auth.audit_log
+        )
+        parent["logger"] = "pulumid.ops.logs.twistd_observer"
 
 
 def _secret(opts: usage.Options | dict[str, Any], name: str) -> str | None:
@@ -483,6 +511,14 @@ def build_config(opts: usage.Options | dict[str, Any]) -> Config:
                 "(PULUMID_INSECURE_HTTP=true) behind a proxy that terminates TLS"
             )
     management = _text(opts, "management-listen") or "tcp:9090:interface=127.0.0.1"
+    log_format = (_text(opts, "log-format") or "json").lower()
+    if log_format not in ("json", "text"):
+        raise usage.UsageError(f"--log-format must be json or text, not {log_format!r}")
+    raw_types = _text(opts, "log-types") or "operational,access,audit"
+    log_types = tuple(t.strip() for t in raw_types.split(",") if t.strip())
+    unknown = sorted(set(log_types) - {"operational", "access", "audit"})
+    if unknown:
+        raise usage.UsageError(f"--log-types: unknown {unknown[0]!r} (operational, access, audit)")
     auth = _auth_config(opts)
     token = _secret(opts, "token") or ""
     if auth.multi_user:
@@ -552,6 +588,9 @@ def build_config(opts: usage.Options | dict[str, Any]) -> Config:
         idle_timeout=float(opts["idle-timeout"]),
         max_connections_per_ip=int(opts["max-connections-per-ip"]),
         max_header_size=int(opts["max-header-size"]),
+        log_format=log_format,
+        log_types=log_types,
+        access_log=_text(opts, "access-log"),
     )
 
 

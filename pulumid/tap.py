@@ -34,7 +34,7 @@ from pulumid.engine.events import EventWriter
 from pulumid.engine.inflight import InFlight
 from pulumid.engine.secrets import MasterKeyMismatch, StackSecrets
 from pulumid.ops.access import APISite
-from pulumid.ops.audit import AuditDestination, AuditTrail
+from pulumid.ops.audit import AuditTrail
 from pulumid.ops.management import Management
 from pulumid.ops.metrics import Metrics
 from pulumid.secrets.crypto import MasterKey
@@ -220,8 +220,6 @@ def make_auth(
     SafeTimer(
         "token-last-used", 60.0, authenticator.flush_last_used, clock=reactor, now=False
     ).setServiceParent(top)
-    if settings.audit_log:
-        AuditDestination(settings.audit_log).setServiceParent(top)
     if settings.mode in ("oidc", "google"):
         sealer = Sealer(master, b"pulumid sign-in")
         client = OIDCClient(settings, reactor, fetch_json, post_form, sealer)

@@ -215,6 +215,8 @@ class Daemon:
         base: dict[str, object] = {
             "listen": f"tcp:{self.port}:interface=127.0.0.1",
             "management_listen": f"tcp:{self.management_port}:interface=127.0.0.1",
+            # Text lines: the tests read access lines ("METHOD PATH HTTP/1.1" STATUS) back.
+            "log_format": "text",
             "database": self.db_path,
             "token": None if self.multi_user else self.token,
             "master_key": self.master_key,

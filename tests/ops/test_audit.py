@@ -8,10 +8,11 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import LogPublisher
+from twisted.logger import Logger, LogPublisher
 
 from pulumid.errors import Unavailable
-from pulumid.ops.audit import AuditDestination, AuditTrail
+from pulumid.ops.audit import AuditTrail
+from pulumid.ops.logs import daemon_observer
 from pulumid.storage.records import AuditRecord
 from pulumid.storage.sqlite import SQLiteStore
 from pulumid.threads import InlineRunner
@@ -66,11 +67,12 @@ def test_rows_are_stored_and_a_failed_write_is_retried(tmp_path: Path) -> None:
     store.close()
 
 
-def test_audit_lines_go_to_their_own_file(tmp_path: Path) -> None:
+def test_log_lines_by_type_and_destination(tmp_path: Path) -> None:
+    """JSON lines with a log_type; audit (and access) lines also to files of their own."""
     store = SQLiteStore.open(tmp_path / "db.sqlite", InlineRunner())
-    publisher = LogPublisher()
-    destination = AuditDestination(str(tmp_path / "audit.jsonl"), publisher)
-    destination.startService()
+    main, audit = tmp_path / "main.jsonl", tmp_path / "audit.jsonl"
+    observer = daemon_observer("json", str(main), ["operational", "audit"], "", str(audit))
+    publisher = LogPublisher(observer)
     import pulumid.ops.audit as audit_module
 
     original = audit_module.log.observer
@@ -78,14 +80,16 @@ def test_audit_lines_go_to_their_own_file(tmp_path: Path) -> None:
     try:
         trail = AuditTrail(store, Clock())
         trail.record("acme", "alice", "token.create", "/api/user/tokens", 200, "127.0.0.1")
-        audit_module.log.info("not an audit event", log_type="operational")
     finally:
         audit_module.log.observer = original
-        destination.stopService()
-    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
-    assert len(lines) == 1
-    event = json.loads(lines[0])
+    Logger(observer=publisher).info("listening on {port}", port=8080)
+    Logger(observer=publisher).info("GET /api/user 200", log_type="access", status=200)
+    lines = [json.loads(line) for line in main.read_text().splitlines()]
+    assert [line["log_type"] for line in lines] == ["audit", "operational"]  # no access
+    assert lines[1]["message"] == "listening on 8080"
+    (event,) = [json.loads(line) for line in audit.read_text().splitlines()]
     assert event["log_type"] == "audit"
     assert (event["actor"], event["action"], event["status"]) == ("alice", "token.create", 200)
     assert event["client_ip"] == "127.0.0.1" and event["auth_failure"] is False
+    assert event["level"] == "info" and "T" in event["time"]
     store.close()
