@@ -65,6 +65,10 @@ class Config:
     # Health, readiness and metrics; "none" turns the listener off.
     management_listen: str = "tcp:9090:interface=127.0.0.1"
     insecure_http: bool = False
+    # TLS on the API listeners from PEM files (reloaded when they change).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_reload_interval: float = 60.0
     # Slow and hostile clients (pulumid.api.channel).
     header_timeout: float = 15.0
     body_timeout: float = 600.0
@@ -181,6 +185,14 @@ _PARAMETERS: list[tuple[str, Any, Callable[[str], Any] | None, str]] = [
         "tcp:9090:interface=127.0.0.1",
         None,
         "Endpoint of /healthz, /readyz and /metrics ('none' for no listener)",
+    ),
+    ("tls-cert", None, None, "PEM certificate (and chain) for TLS on the API's tcp listeners"),
+    ("tls-key", None, None, "PEM private key of --tls-cert"),
+    (
+        "tls-reload-interval",
+        60.0,
+        _positive_float,
+        "Seconds between checks of the TLS files for a new pair",
     ),
     ("token", None, None, "The single-tenant access token the CLI logs in with (required)"),
     ("token-file", None, None, "Read the access token from this file instead"),
@@ -503,8 +515,18 @@ def build_config(opts: usage.Options | dict[str, Any]) -> Config:
         env_listen = os.environ.get(env_name("listen"), "tcp:8080:interface=127.0.0.1")
         listen = [part.strip() for part in env_listen.split(",") if part.strip()]
     insecure_http = _flag(opts, "insecure-http")
+    tls_cert, tls_key = _text(opts, "tls-cert"), _text(opts, "tls-key")
+    if bool(tls_cert) != bool(tls_key):
+        raise usage.UsageError("--tls-cert and --tls-key go together")
+    if tls_cert:
+        from pulumid.ops.tls import TLSFilesError, load_options
+
+        try:
+            load_options(Path(tls_cert), Path(tls_key))
+        except TLSFilesError as e:
+            raise usage.UsageError(f"TLS: {e}") from None
     for description in listen:
-        if not insecure_http and plain_http_beyond_loopback(description):
+        if not insecure_http and not tls_cert and plain_http_beyond_loopback(description):
             raise usage.UsageError(
                 f"--listen {description} serves plain HTTP beyond this machine: tokens and "
                 "state would cross the network in clear. Use TLS, or pass --insecure-http "
@@ -588,6 +610,9 @@ def build_config(opts: usage.Options | dict[str, Any]) -> Config:
         idle_timeout=float(opts["idle-timeout"]),
         max_connections_per_ip=int(opts["max-connections-per-ip"]),
         max_header_size=int(opts["max-header-size"]),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_reload_interval=float(opts.get("tls-reload-interval", 60.0)),
         log_format=log_format,
         log_types=log_types,
         access_log=_text(opts, "access-log"),

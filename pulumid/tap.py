@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any, cast
 
 from twisted.application import service, strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.server import Site
@@ -37,6 +39,7 @@ from pulumid.ops.access import APISite
 from pulumid.ops.audit import AuditTrail
 from pulumid.ops.management import Management
 from pulumid.ops.metrics import Metrics
+from pulumid.ops.tls import ReloadingTLS
 from pulumid.secrets.crypto import MasterKey
 from pulumid.services.timers import SafeTimer
 from pulumid.storage.blobs import S3Blobs
@@ -326,16 +329,31 @@ def make_management(backend: Backend, startup: StackSecrets) -> Management:
     return Management(backend.metrics, {"database": database, "master_key": master_key})
 
 
+def _listener(
+    description: str, site: Site, tls: ReloadingTLS | None, reactor: Any
+) -> service.Service:
+    """A tcp listener gets TLS when files are configured; other descriptions stay as given."""
+    if tls is None or description.split(":", 1)[0].lower() not in ("tcp", "tcp6"):
+        return cast(service.Service, strports.service(description, site))
+    endpoint = serverFromString(reactor, description)
+    return StreamServerEndpointService(endpoint, tls.wrap(site))
+
+
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
     config: Config = options.config
     top, backend = make_backend(config, reactor)
     site = make_site(backend)
+    tls = ReloadingTLS(Path(config.tls_cert), Path(config.tls_key)) if config.tls_cert else None
     for description in config.listen:
-        listener = strports.service(description, site)
+        listener = _listener(description, site, tls, reactor)
         listener.setName(f"api:{description}")
         listener.setServiceParent(top)
+    if tls is not None:
+        SafeTimer(
+            "tls-reload", config.tls_reload_interval, tls.check, clock=reactor, now=False
+        ).setServiceParent(top)
     if config.management_listen.lower() != "none":
         management = make_management(backend, backend.secrets)
         listener = strports.service(config.management_listen, management.site())

@@ -12,6 +12,7 @@ import re
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -191,9 +192,13 @@ class Daemon:
     proc: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = None
 
+    # The CA that signed --tls-cert, trusted by api() (TLS daemons only).
+    ca_file: Path | None = None
+
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.flags.get("tls_cert") else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def management_url(self) -> str:
@@ -342,8 +347,9 @@ class Daemon:
             request.add_header("Content-Type", "application/json")
         for name, value in (headers or {}).items():
             request.add_header(name, value)
+        context = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else None
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
                 status, raw, hdrs = response.status, response.read(), dict(response.headers)
         except urllib.error.HTTPError as exc:
             status, raw, hdrs = exc.code, exc.read(), dict(exc.headers)
