@@ -76,6 +76,9 @@ class Config:
     max_connections_per_ip: int = 256
     max_header_size: int = 16384
     # The log (pulumid.ops.logs): json or text lines; which log types reach it.
+    # OpenTelemetry traces over OTLP/HTTP ("" : off).
+    otlp_endpoint: str = ""
+    otel_service_name: str = "pulumid"
     log_format: str = "json"
     log_types: tuple[str, ...] = ("operational", "access", "audit")
     access_log: str = ""
@@ -243,6 +246,13 @@ _PARAMETERS: list[tuple[str, Any, Callable[[str], Any] | None, str]] = [
         "Open connections one address may hold (0: no cap; behind a proxy, all are the proxy's)",
     ),
     ("max-header-size", 16384, _positive_int, "Largest request head (all headers), in bytes"),
+    (
+        "otlp-endpoint",
+        "",
+        None,
+        "Send OpenTelemetry traces over OTLP/HTTP here (e.g. http://collector:4318/v1/traces)",
+    ),
+    ("otel-service-name", "pulumid", None, "service.name of the traces"),
     ("log-format", "json", None, "json (one JSON object per line) or text"),
     (
         "log-types",
@@ -613,6 +623,8 @@ def build_config(opts: usage.Options | dict[str, Any]) -> Config:
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_reload_interval=float(opts.get("tls-reload-interval", 60.0)),
+        otlp_endpoint=_text(opts, "otlp-endpoint"),
+        otel_service_name=_text(opts, "otel-service-name") or "pulumid",
         log_format=log_format,
         log_types=log_types,
         access_log=_text(opts, "access-log"),

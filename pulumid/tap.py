@@ -40,6 +40,7 @@ from pulumid.ops.audit import AuditTrail
 from pulumid.ops.management import Management
 from pulumid.ops.metrics import Metrics
 from pulumid.ops.tls import ReloadingTLS
+from pulumid.ops.tracing import Tracing
 from pulumid.secrets.crypto import MasterKey
 from pulumid.services.timers import SafeTimer
 from pulumid.storage.blobs import S3Blobs
@@ -54,6 +55,17 @@ __all__ = ["Options", "makeService"]
 
 # Object storage requests in flight at once per node.
 BLOB_THREADS = 8
+
+
+class _TracingService(service.Service):
+    """Flushes the spans still batched when the daemon stops."""
+
+    def __init__(self, tracing: Tracing) -> None:
+        self.tracing = tracing
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.tracing.shutdown()
 
 
 class _StoreService(service.Service):
@@ -173,6 +185,11 @@ def make_backend(config: Config, reactor: Any) -> tuple[service.MultiService, Ba
     inflight = InFlight(store, cpu, reactor, config.max_body_size, config.inflight_memory)
     backend = Backend(config, store, reactor, cpu, secrets, events, inflight)
     backend.metrics = _metrics(meta, [db, cpu, *_blob_pools(top)])
+    if config.otlp_endpoint:
+        backend.tracing = Tracing.otlp(config.otlp_endpoint, config.otel_service_name)
+        if isinstance(meta, SQLStore):
+            meta.tracing = backend.tracing
+        _TracingService(backend.tracing).setServiceParent(top)
     sweep = max(0.5, min(config.lease_ttl / 4, 15.0))
     SafeTimer("lease-expiry", sweep, backend.expire_leases, clock=reactor).setServiceParent(top)
     SafeTimer(

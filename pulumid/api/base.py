@@ -89,6 +89,23 @@ class Routes:
     async def _run(
         self, handler: Callable[..., Any], need: Need, request: IRequest, params: dict[str, str]
     ) -> Any:
+        tracing = self.backend.tracing
+        if tracing is None:
+            return await self._serve(handler, need, request, params)
+        method = request.method.decode("ascii", "replace")
+        headers = {
+            k.decode("latin-1").lower(): v[0].decode("latin-1")
+            for k, v in request.requestHeaders.getAllRawHeaders()
+        }
+        with tracing.request(method, getattr(request, "route", ""), headers) as span:
+            try:
+                return await self._serve(handler, need, request, params)
+            finally:
+                span.set_attribute("http.response.status_code", getattr(request, "code", 0))
+
+    async def _serve(
+        self, handler: Callable[..., Any], need: Need, request: IRequest, params: dict[str, str]
+    ) -> Any:
         auth = self.auth
         principal: Principal | None = None
         if need.scope not in ("public", "update"):

@@ -109,6 +109,8 @@ class Backend:
         self.auth: Any = None
         # pulumid.ops.metrics.Metrics, composed in tap.py.
         self.metrics: Any = None
+        # pulumid.ops.tracing.Tracing when traces are exported.
+        self.tracing: Any = None
 
     # -- identity -------------------------------------------------------------------------
 

@@ -140,22 +140,35 @@ class SQLStore:
 
     # Told how long each call took on its thread (name of the operation, seconds): metrics.
     timing: Callable[[str, float], None] | None = None
+    # pulumid.ops.tracing.Tracing when traces are on: a span per call, under the caller's.
+    tracing: Any = None
 
     def _read(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
-        return self._runner.run(self._timed, self._reading, f, *args)
+        return self._call(self._reading, f, args)
 
     def _write(self, f: Callable[..., T], *args: Any) -> Deferred[T]:
-        return self._runner.run(self._timed, self._in_transaction, f, *args)
+        return self._call(self._in_transaction, f, args)
 
-    def _timed(self, how: Callable[..., T], f: Callable[..., T], *args: Any) -> T:
-        timing = self.timing
-        if timing is None:
+    def _call(
+        self, how: Callable[..., T], f: Callable[..., T], args: tuple[Any, ...]
+    ) -> Deferred[T]:
+        parent = self.tracing.current() if self.tracing is not None else None
+        return self._runner.run(self._timed, how, f, parent, *args)
+
+    def _timed(self, how: Callable[..., T], f: Callable[..., T], parent: Any, *args: Any) -> T:
+        timing, tracing = self.timing, self.tracing
+        if timing is None and tracing is None:
             return how(f, *args)
+        name = _operation(f)
         started = time.perf_counter()
         try:
+            if tracing is not None:
+                with tracing.database(name, parent):
+                    return how(f, *args)
             return how(f, *args)
         finally:
-            timing(getattr(f, "__name__", "call").lstrip("_"), time.perf_counter() - started)
+            if timing is not None:
+                timing(name, time.perf_counter() - started)
 
     # -- meta -----------------------------------------------------------------------------
 
@@ -1039,3 +1052,10 @@ def _prune(conn: Connection, stack_id: int, version: int, keep: int) -> None:
         conn.execute(
             "DELETE FROM states WHERE stack_id = ? AND version <= ?", (stack_id, version - keep)
         )
+
+
+def _operation(f: Callable[..., Any]) -> str:
+    """The store method a call belongs to: `create_stack` for create_stack's inner txn."""
+    qualified = getattr(f, "__qualname__", "") or getattr(f, "__name__", "call")
+    outer = qualified.split(".<locals>.", 1)[0]
+    return outer.rsplit(".", 1)[-1].lstrip("_")
