@@ -239,6 +239,12 @@ class Terminal:
     def type(self, keys: str) -> None:
         os.write(self.master, keys.encode())
 
+    def kill(self) -> None:
+        """Ends the CLI if a failed test left it waiting (it would wait for ever)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
     def wait(self, timeout: float = 60.0) -> int:
         try:
             return self.proc.wait(timeout)
@@ -291,7 +297,6 @@ def test_browser_login_through_the_provider(
 def browser_login(
     daemon: Daemon, cli: PulumiCLI, provider: OIDCProvider, provider_dir: Path, tmp_path: Path
 ) -> None:
-    callback = f"{daemon.url}/login/callback"
     browser_log = tmp_path / "browser.log"
     bin_dir = tmp_path / "browser-bin"
     bin_dir.mkdir()
@@ -309,6 +314,17 @@ def browser_login(
     write_yaml_program(work, project="web", provider_dir=provider_dir, count=2)
 
     terminal = Terminal([str(cli.binary), "login", daemon.url], env, work)
+    try:
+        signed_in(terminal, daemon, provider, browser_log)
+    finally:
+        terminal.kill()
+    log_in_again_fails(daemon, cli, provider, work)
+
+
+def signed_in(
+    terminal: Terminal, daemon: Daemon, provider: OIDCProvider, browser_log: Path
+) -> None:
+    callback = f"{daemon.url}/login/callback"
     # "Press <ENTER> to log in with your browser" (3.259) / "hit <ENTER> to log in using
     # your browser" (3.210).
     terminal.expect("<ENTER> to log in")
@@ -341,6 +357,9 @@ def browser_login(
         time.sleep(0.2)
     assert terminal.wait() == 0, terminal.output
     assert "alice@example.com" in terminal.output, terminal.output
+
+
+def log_in_again_fails(daemon: Daemon, cli: PulumiCLI, provider: OIDCProvider, work: Path) -> None:
 
     # The CLI keeps pulumid's token: later commands run without any token in the environment.
     no_token = {"PULUMI_ACCESS_TOKEN": None}
