@@ -190,6 +190,18 @@ def make_backend(config: Config, reactor: Any) -> tuple[service.MultiService, Ba
         if isinstance(meta, SQLStore):
             meta.tracing = backend.tracing
         _TracingService(backend.tracing).setServiceParent(top)
+    running: dict[str, float] = {"updates": 0.0, "leases": 0.0}
+
+    async def count_running() -> None:
+        updates, leases = await store.count_running(reactor.seconds())
+        running.update(updates=float(updates), leases=float(leases))
+
+    backend.metrics.gauge(
+        "pulumid_running",
+        "Running updates, and live leases among them (all nodes)",
+        lambda: running,
+    )
+    SafeTimer("running-gauges", 15.0, count_running, clock=reactor).setServiceParent(top)
     sweep = max(0.5, min(config.lease_ttl / 4, 15.0))
     SafeTimer("lease-expiry", sweep, backend.expire_leases, clock=reactor).setServiceParent(top)
     SafeTimer(
@@ -371,6 +383,11 @@ def makeService(options: Options) -> service.IService:
         SafeTimer(
             "tls-reload", config.tls_reload_interval, tls.check, clock=reactor, now=False
         ).setServiceParent(top)
+        backend.metrics.gauge(
+            "pulumid_tls_certificate_expiry_timestamp_seconds",
+            "When the served certificate expires (epoch seconds)",
+            lambda: {"": tls.not_after},
+        )
     if config.management_listen.lower() != "none":
         management = make_management(backend, backend.secrets)
         listener = strports.service(config.management_listen, management.site())

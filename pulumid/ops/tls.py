@@ -63,6 +63,13 @@ def load_options(cert_path: Path, key_path: Path) -> ssl.CertificateOptions:
     return options
 
 
+def _not_after(cert_path: Path) -> float:
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    return cert.not_valid_after_utc.timestamp()
+
+
 def _chain(pem: bytes) -> list[ssl.Certificate]:
     marker = b"-----END CERTIFICATE-----"
     parts = [p + marker for p in pem.split(marker) if b"-----BEGIN CERTIFICATE-----" in p]
@@ -78,6 +85,7 @@ class ReloadingTLS:
         self.key_path = key_path
         self._options = load_options(cert_path, key_path)
         self._stamp = _Stamp(_stamp(cert_path), _stamp(key_path))
+        self.not_after = _not_after(cert_path)  # epoch seconds: the expiry metric
         self.loaded = 1
 
     def getContext(self) -> SSL.Context:
@@ -98,6 +106,7 @@ class ReloadingTLS:
             log.error("new TLS files not used, the current pair stays: {error}", error=e)
             return False
         self._options, self._stamp = options, stamp
+        self.not_after = _not_after(self.cert_path)
         self.loaded += 1
         log.info("TLS certificate reloaded from {path}", path=self.cert_path)
         return True

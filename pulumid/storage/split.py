@@ -387,6 +387,9 @@ class BlobbedStore:
     def list_expired(self, now: float) -> Deferred[list[UpdateRecord]]:
         return self.meta.list_expired(now)
 
+    def count_running(self, now: float) -> Deferred[tuple[int, int]]:
+        return self.meta.count_running(now)
+
     def list_history(
         self, stack_id: int, page: int, page_size: int, previews: bool = True
     ) -> Deferred[list[UpdateRecord]]:

@@ -622,6 +622,17 @@ class SQLStore:
 
         return self._read(txn)
 
+    def count_running(self, now: float) -> Deferred[tuple[int, int]]:
+        def txn(conn: Connection) -> tuple[int, int]:
+            row = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(CASE WHEN lease_expires > ? THEN 1 ELSE 0 END), 0) "
+                "FROM updates WHERE status = 'running'",
+                (now,),
+            ).fetchone()
+            return int(row[0]), int(row[1])
+
+        return self._read(txn)
+
     def expire_update(
         self,
         update_id: str,

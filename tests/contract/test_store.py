@@ -559,6 +559,8 @@ def test_expire_leases(store: Store) -> None:
     fresh = started(store, two, now=NOW + 200)
     assert ok(store.list_expired(NOW + 100)) == []
     assert [u.id for u in ok(store.list_expired(NOW + TTL + 1))] == [old.id]
+    assert ok(store.count_running(NOW + 100)) == (2, 2)
+    assert ok(store.count_running(NOW + TTL + 1)) == (2, 1)  # one lease ran out
     # Not yet expired: expire_update leaves it alone.
     assert ok(store.expire_update(fresh.id, NOW + TTL + 1)) is False
     assert ok(store.expire_update(old.id, NOW + TTL + 1, blob("kept", 3))) is True
@@ -568,6 +570,7 @@ def test_expire_leases(store: Store) -> None:
     assert stack_of(store, one).resource_count == 3
     assert stack_of(store, two).locked_by == fresh.id
     assert ok(store.list_expired(NOW + TTL + 2)) == []
+    assert ok(store.count_running(NOW + TTL + 2)) == (1, 1)
     # A second expiry of the same update is a no-op.
     assert ok(store.expire_update(old.id, NOW + TTL + 3)) is False
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime
 import socket
 import ssl
+import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.e2e.helpers import Daemon, PulumiCLI, wait_until
+from tests.ops.test_management import sample
 
 pytestmark = [pytest.mark.e2e, pytest.mark.storages("sqlite")]
 
@@ -123,6 +126,11 @@ def test_the_cli_over_tls_and_a_reloaded_certificate(
         with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as raw:
             with pytest.raises(ssl.SSLError):
                 old.wrap_socket(raw, server_hostname="127.0.0.1")
+
+        with urllib.request.urlopen(daemon.management_url + "/metrics", timeout=10) as page:
+            metrics = page.read().decode()
+        expiry = sample(metrics, "pulumid_tls_certificate_expiry_timestamp_seconds")
+        assert 3600 < expiry - time.time() < 3 * 3600  # issued for two hours
 
         # New files: served to new connections within the reload interval, no restart.
         assert served_serial(daemon.port, ca_file) == first

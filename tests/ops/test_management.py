@@ -82,6 +82,7 @@ async def test_health_readiness_and_metrics(tmp_path: Path) -> None:
         assert sample(metrics, "pulumid_thread_pool_queue_depth", pool="db") == 0
         assert sample(metrics, "pulumid_thread_pool_busy_threads", pool="cpu") >= 0
         assert sample(metrics, "pulumid_build_info", version=__version__) == 1
+        assert sample(metrics, "pulumid_running", kind="updates") == 0
         # No label carries a stack name: routes are templates.
         assert "dev" not in re.findall(r'route="([^"]*)"', metrics)
 
