@@ -8,7 +8,7 @@ from twisted.web.iweb import IRequest
 
 from pulumid.api.base import Routes, route
 from pulumid.api.http import json_response
-from pulumid.auth.access import SIGNED_IN
+from pulumid.auth.access import PUBLIC, SIGNED_IN
 from pulumid.auth.principal import Principal
 from pulumid.auth.service import Auth
 from pulumid.engine.backend import Backend
@@ -18,6 +18,7 @@ from pulumid.errors import NotFound
 class IdentityRoutes(Routes):
     def __init__(self, backend: Backend, auth: Auth) -> None:
         super().__init__(backend, auth)
+        self._openapi: dict[str, Any] | None = None
         self.capability_list: list[dict[str, Any]] = [
             {"capability": "batch-encrypt", "version": 1},
             {
@@ -72,6 +73,17 @@ class IdentityRoutes(Routes):
     @route("/api/capabilities", "GET", SIGNED_IN)
     def capabilities(self, request: IRequest) -> bytes:
         return json_response(request, {"capabilities": self.capability_list})
+
+    @route("/api/openapi", "GET", PUBLIC)
+    def openapi(self, request: IRequest) -> bytes:
+        """This API's OpenAPI 3.1 description, generated from its routes."""
+        if self._openapi is None:
+            from pulumid.api.base import NEEDS, app
+            from pulumid.api.openapi import document
+
+            handlers = {name: getattr(type(self), name, None) for name in dir(type(self))}
+            self._openapi = document(app, NEEDS, handlers)
+        return json_response(request, self._openapi)
 
     @route("/api/registry/templates", "GET", SIGNED_IN)
     def templates(self, request: IRequest) -> bytes:

@@ -353,6 +353,7 @@ TARGETS: dict[str, Target] = {
     "cli_login:GET": Target(query="cliSessionPort=8400&cliSessionNonce=n-1"),
     "callback:GET": Target(query="code=c&state=s"),
     "welcome:GET": Target(),
+    "openapi:GET": Target(),
 }
 
 
