@@ -69,6 +69,14 @@ class Config:
     tls_cert: str = ""
     tls_key: str = ""
     tls_reload_interval: float = 60.0
+    # ACME (HTTP-01): certificates for these names, issued and renewed by pulumid.
+    acme_domains: tuple[str, ...] = ()
+    acme_email: str = ""
+    acme_directory: str = "https://acme-v02.api.letsencrypt.org/directory"
+    acme_http_listen: str = "tcp:80"
+    acme_renew_days: float = 30.0
+    acme_ca_file: str = ""
+    acme_check_interval: float = 3600.0
     # Slow and hostile clients (pulumid.api.channel).
     header_timeout: float = 15.0
     body_timeout: float = 600.0
@@ -196,6 +204,33 @@ _PARAMETERS: list[tuple[str, Any, Callable[[str], Any] | None, str]] = [
         60.0,
         _positive_float,
         "Seconds between checks of the TLS files for a new pair",
+    ),
+    (
+        "acme-domains",
+        "",
+        None,
+        "Get and renew the API's certificate from an ACME CA for these comma-separated names",
+    ),
+    ("acme-email", "", None, "Contact email of the ACME account"),
+    (
+        "acme-directory",
+        "https://acme-v02.api.letsencrypt.org/directory",
+        None,
+        "The ACME directory URL (Let's Encrypt by default; any RFC 8555 CA)",
+    ),
+    (
+        "acme-http-listen",
+        "tcp:80",
+        None,
+        "Plain HTTP listener that answers the CA's HTTP-01 challenges",
+    ),
+    ("acme-renew-days", 30.0, _positive_float, "Renew this many days before expiry"),
+    ("acme-ca-file", "", None, "CA bundle to trust for the ACME directory's own TLS"),
+    (
+        "acme-check-interval",
+        3600.0,
+        _positive_float,
+        "Seconds between checks of the certificate (renewal, pick-up from other nodes)",
     ),
     ("token", None, None, "The single-tenant access token the CLI logs in with (required)"),
     ("token-file", None, None, "Read the access token from this file instead"),
@@ -418,6 +453,11 @@ _BOOLEANS: list[tuple[str, bool, str]] = [
         "allow the API on a non-loopback address without TLS (behind a TLS-terminating proxy)",
     ),
     (
+        "acme-staging",
+        False,
+        "use Let's Encrypt's staging directory (certificates no browser trusts, for trials)",
+    ),
+    (
         "delta-checkpoints",
         True,
         "advertise delta checkpoints to CLIs that do not journal (their checkpoint writer then "
@@ -535,8 +575,19 @@ def build_config(opts: usage.Options | dict[str, Any]) -> Config:
             load_options(Path(tls_cert), Path(tls_key))
         except TLSFilesError as e:
             raise usage.UsageError(f"TLS: {e}") from None
+    acme_domains = tuple(d.strip() for d in _text(opts, "acme-domains").split(",") if d.strip())
+    if acme_domains and tls_cert:
+        raise usage.UsageError(
+            "--acme-domains and --tls-cert both choose the API's certificate: give one"
+        )
+    acme_directory = (
+        _text(opts, "acme-directory") or "https://acme-v02.api.letsencrypt.org/directory"
+    )
+    if _flag(opts, "acme-staging"):
+        acme_directory = "https://acme-staging-v02.api.letsencrypt.org/directory"
+    secured = bool(tls_cert or acme_domains)
     for description in listen:
-        if not insecure_http and not tls_cert and plain_http_beyond_loopback(description):
+        if not insecure_http and not secured and plain_http_beyond_loopback(description):
             raise usage.UsageError(
                 f"--listen {description} serves plain HTTP beyond this machine: tokens and "
                 "state would cross the network in clear. Use TLS, or pass --insecure-http "
@@ -623,6 +674,13 @@ def build_config(opts: usage.Options | dict[str, Any]) -> Config:
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_reload_interval=float(opts.get("tls-reload-interval", 60.0)),
+        acme_domains=acme_domains,
+        acme_email=_text(opts, "acme-email"),
+        acme_directory=acme_directory,
+        acme_http_listen=_text(opts, "acme-http-listen") or "tcp:80",
+        acme_renew_days=float(opts.get("acme-renew-days", 30.0)),
+        acme_ca_file=_text(opts, "acme-ca-file"),
+        acme_check_interval=float(opts.get("acme-check-interval", 3600.0)),
         otlp_endpoint=_text(opts, "otlp-endpoint"),
         otel_service_name=_text(opts, "otel-service-name") or "pulumid",
         log_format=log_format,

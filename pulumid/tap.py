@@ -36,10 +36,12 @@ from pulumid.engine.events import EventWriter
 from pulumid.engine.inflight import InFlight
 from pulumid.engine.secrets import MasterKeyMismatch, StackSecrets
 from pulumid.ops.access import APISite
+from pulumid.ops.acme import ACME, Challenges
+from pulumid.ops.acme import Settings as ACMESettings
 from pulumid.ops.audit import AuditTrail
-from pulumid.ops.management import Management
+from pulumid.ops.management import Check, Management
 from pulumid.ops.metrics import Metrics
-from pulumid.ops.tls import ReloadingTLS
+from pulumid.ops.tls import ReloadingTLS, SwappableTLS
 from pulumid.ops.tracing import Tracing
 from pulumid.secrets.crypto import MasterKey
 from pulumid.services.timers import SafeTimer
@@ -341,7 +343,29 @@ def make_site(backend: Backend) -> Site:
     return site
 
 
-def make_management(backend: Backend, startup: StackSecrets) -> Management:
+def make_acme(
+    config: Config, backend: Backend, tls: SwappableTLS, top: service.MultiService, reactor: Any
+) -> ACME:
+    """The ACME service: its HTTP-01 listener and the timer that issues and renews."""
+    challenges = Challenges(backend.store)
+    settings = ACMESettings(
+        directory=config.acme_directory,
+        names=config.acme_domains,
+        email=config.acme_email,
+        renew_days=config.acme_renew_days,
+        ca_file=config.acme_ca_file,
+    )
+    acme = ACME(settings, backend.store, reactor, tls, challenges, backend.node)
+    listener = strports.service(config.acme_http_listen, Site(challenges))
+    listener.setName("acme-http")
+    listener.setServiceParent(top)
+    SafeTimer("acme", config.acme_check_interval, acme.check, clock=reactor).setServiceParent(top)
+    return acme
+
+
+def make_management(
+    backend: Backend, startup: StackSecrets, acme: ACME | None = None
+) -> Management:
     """The management site's checks: the database answers, the master key still fits."""
 
     async def database() -> str | None:
@@ -355,11 +379,19 @@ def make_management(backend: Backend, startup: StackSecrets) -> Management:
             return str(e)
         return None
 
-    return Management(backend.metrics, {"database": database, "master_key": master_key})
+    checks: dict[str, Check] = {"database": database, "master_key": master_key}
+    if acme is not None:
+        served = acme
+
+        async def certificate() -> str | None:
+            return served.problem()
+
+        checks["certificate"] = certificate
+    return Management(backend.metrics, checks)
 
 
 def _listener(
-    description: str, site: Site, tls: ReloadingTLS | None, reactor: Any
+    description: str, site: Site, tls: SwappableTLS | None, reactor: Any
 ) -> service.Service:
     """A tcp listener gets TLS when files are configured; other descriptions stay as given."""
     if tls is None or description.split(":", 1)[0].lower() not in ("tcp", "tcp6"):
@@ -374,22 +406,30 @@ def makeService(options: Options) -> service.IService:
     config: Config = options.config
     top, backend = make_backend(config, reactor)
     site = make_site(backend)
-    tls = ReloadingTLS(Path(config.tls_cert), Path(config.tls_key)) if config.tls_cert else None
+    tls: SwappableTLS | None = None
+    acme: ACME | None = None
+    if config.tls_cert:
+        files = ReloadingTLS(Path(config.tls_cert), Path(config.tls_key))
+        SafeTimer(
+            "tls-reload", config.tls_reload_interval, files.check, clock=reactor, now=False
+        ).setServiceParent(top)
+        tls = files
+    elif config.acme_domains:
+        tls = SwappableTLS()
+        acme = make_acme(config, backend, tls, top, reactor)
     for description in config.listen:
         listener = _listener(description, site, tls, reactor)
         listener.setName(f"api:{description}")
         listener.setServiceParent(top)
     if tls is not None:
-        SafeTimer(
-            "tls-reload", config.tls_reload_interval, tls.check, clock=reactor, now=False
-        ).setServiceParent(top)
+        served = tls
         backend.metrics.gauge(
             "pulumid_tls_certificate_expiry_timestamp_seconds",
             "When the served certificate expires (epoch seconds)",
-            lambda: {"": tls.not_after},
+            lambda: {"": served.not_after},
         )
     if config.management_listen.lower() != "none":
-        management = make_management(backend, backend.secrets)
+        management = make_management(backend, backend.secrets, acme)
         listener = strports.service(config.management_listen, management.site())
         listener.setName("management")
         listener.setServiceParent(top)

@@ -11,7 +11,7 @@ fi
 "$venv/bin/pip" install -q --upgrade pip
 "$venv/bin/pip" install -q -e '.[test]'
 
-echo "== building the Pulumi CLI, YAML host, test provider and MinIO (cached); PostgreSQL, HAProxy, oidc-provider"
+echo "== building the Pulumi CLI, YAML host, test provider and MinIO (cached); PostgreSQL, HAProxy, oidc-provider, pebble"
 versions=${PULUMID_E2E_CLI_VERSIONS:-3.259.0,3.210.0}
 for v in ${versions//,/ }; do scripts/build-pulumi.sh cli "$v" >/dev/null; done
 scripts/build-pulumi.sh yaml 1.19.1 >/dev/null
@@ -20,6 +20,7 @@ scripts/build-minio.sh >/dev/null
 scripts/install-postgres.sh >/dev/null
 scripts/install-haproxy.sh >/dev/null
 scripts/install-oidc-provider.sh >/dev/null
+scripts/install-pebble.sh >/dev/null
 
 echo "== lint and types"
 "$venv/bin/ruff" check pulumid twisted tests benchmarks

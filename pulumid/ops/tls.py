@@ -44,6 +44,12 @@ def load_options(cert_path: Path, key_path: Path) -> ssl.CertificateOptions:
         key_pem = key_path.read_bytes()
     except OSError as e:
         raise TLSFilesError(f"cannot read {e.filename}: {e.strerror}") from None
+    return options_of(cert_pem, key_pem, str(cert_path), str(key_path))
+
+
+def options_of(
+    cert_pem: bytes, key_pem: bytes, cert_path: str = "the certificate", key_path: str = "key"
+) -> ssl.CertificateOptions:
     try:
         chain = ssl.Certificate.loadPEM(cert_pem)  # the first certificate
         key = ssl.KeyPair.load(key_pem, crypto.FILETYPE_PEM)
@@ -77,7 +83,30 @@ def _chain(pem: bytes) -> list[ssl.Certificate]:
 
 
 @implementer(IOpenSSLContextFactory)
-class ReloadingTLS:
+class SwappableTLS:
+    """A context factory whose certificate can be replaced while it serves (new connections
+    get the new one). Until the first pair, a throwaway self-signed one stands in."""
+
+    def __init__(self) -> None:
+        cert_pem, key_pem = _placeholder()
+        self._options = options_of(cert_pem, key_pem)
+        self.not_after = 0.0  # epoch seconds of the served certificate: the expiry metric
+
+    def getContext(self) -> SSL.Context:
+        return self._options.getContext()
+
+    def use(self, cert_pem: bytes, key_pem: bytes) -> None:
+        from cryptography import x509
+
+        self._options = options_of(cert_pem, key_pem)
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        self.not_after = cert.not_valid_after_utc.timestamp()
+
+    def wrap(self, factory: Any) -> TLSMemoryBIOFactory:
+        return TLSMemoryBIOFactory(self, False, factory)
+
+
+class ReloadingTLS(SwappableTLS):
     """A context factory whose context follows the files."""
 
     def __init__(self, cert_path: Path, key_path: Path) -> None:
@@ -85,11 +114,8 @@ class ReloadingTLS:
         self.key_path = key_path
         self._options = load_options(cert_path, key_path)
         self._stamp = _Stamp(_stamp(cert_path), _stamp(key_path))
-        self.not_after = _not_after(cert_path)  # epoch seconds: the expiry metric
+        self.not_after = _not_after(cert_path)
         self.loaded = 1
-
-    def getContext(self) -> SSL.Context:
-        return self._options.getContext()
 
     async def check(self) -> bool:
         """Load the files again if they changed; True when a new pair is in service."""
@@ -111,5 +137,31 @@ class ReloadingTLS:
         log.info("TLS certificate reloaded from {path}", path=self.cert_path)
         return True
 
-    def wrap(self, factory: Any) -> TLSMemoryBIOFactory:
-        return TLSMemoryBIOFactory(self, False, factory)
+
+def _placeholder() -> tuple[bytes, bytes]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pulumid (no certificate yet)")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem

@@ -31,6 +31,7 @@ class Store(Protocol):
     # meta
     def get_meta(self, key: str) -> Deferred[bytes | None]: ...
     def set_meta_if_absent(self, key: str, value: bytes) -> Deferred[bytes]: ...
+    def put_meta(self, key: str, value: bytes) -> Deferred[None]: ...  # insert or replace
 
     # stacks
     def create_stack(

@@ -313,6 +313,9 @@ class BlobbedStore:
     def set_meta_if_absent(self, key: str, value: bytes) -> Deferred[bytes]:
         return self.meta.set_meta_if_absent(key, value)
 
+    def put_meta(self, key: str, value: bytes) -> Deferred[None]:
+        return self.meta.put_meta(key, value)
+
     def get_stack(self, ref: StackRef) -> Deferred[StackRecord | None]:
         return self.meta.get_stack(ref)
 

@@ -190,6 +190,16 @@ class SQLStore:
 
         return self._write(txn)
 
+    def put_meta(self, key: str, value: bytes) -> Deferred[None]:
+        def txn(conn: Connection) -> None:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+        return self._write(txn)
+
     # -- stacks ---------------------------------------------------------------------------
 
     def create_stack(

@@ -188,6 +188,10 @@ def test_meta_put_if_absent(store: Store) -> None:
     assert ok(store.set_meta_if_absent("k", b"first")) == b"first"
     assert ok(store.set_meta_if_absent("k", b"second")) == b"first"
     assert ok(store.get_meta("k")) == b"first"
+    ok(store.put_meta("k", b"replaced"))
+    ok(store.put_meta("new", b"\x00binary"))
+    assert ok(store.get_meta("k")) == b"replaced"
+    assert ok(store.get_meta("new")) == b"\x00binary"
 
 
 def test_stack_keys_put_if_absent(store: Store) -> None:

@@ -197,7 +197,7 @@ class Daemon:
 
     @property
     def url(self) -> str:
-        scheme = "https" if self.flags.get("tls_cert") else "http"
+        scheme = "https" if self.flags.get("tls_cert") or self.flags.get("acme_domains") else "http"
         return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
@@ -252,7 +252,8 @@ class Daemon:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, timeout: float = 30.0) -> Daemon:
+    def start(self, timeout: float = 30.0, wait: bool = True) -> Daemon:
+        """Start the daemon; with WAIT, until its API answers (or fail the test)."""
         if self.running:
             raise RuntimeError("daemon already running")
         if not TWISTD.is_file():
@@ -270,6 +271,8 @@ class Daemon:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        if not wait:
+            return self
         deadline = time.monotonic() + timeout
         last = "no answer yet"
         while time.monotonic() < deadline:
