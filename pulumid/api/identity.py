@@ -10,6 +10,7 @@ from pulumid.api.base import Routes, route
 from pulumid.api.http import json_response
 from pulumid.auth.access import PUBLIC, SIGNED_IN
 from pulumid.auth.principal import Principal
+from pulumid.auth.roles import Role
 from pulumid.auth.service import Auth
 from pulumid.engine.backend import Backend
 from pulumid.errors import NotFound
@@ -48,14 +49,28 @@ class IdentityRoutes(Routes):
             "name": caller.name or caller.login,
             "email": caller.email,
             "avatarUrl": "",
-            "organizations": [{"githubLogin": o, "name": o, "avatarUrl": ""} for o in orgs],
+            "organizations": [
+                {"githubLogin": o, "name": o, "avatarUrl": "", "role": self._org_role(caller, o)}
+                for o in orgs
+            ],
             "identities": [],
             "siteAdmin": self.auth.multi_user and self.auth.access.policy.is_site_admin(caller),
+            # Required by Pulumi Cloud's User schema; pulumid has no MFA or managed orgs.
+            "hasMFA": False,
+            "isOrgManaged": False,
+            "isManagedByMultiOrg": False,
         }
         if caller.kind == "exchange":
             # `whoami -v` shows "Token type: organization: <org>" and the token's name.
             body["tokenInfo"] = {"name": caller.token_name, "organization": orgs[0] if orgs else ""}
         return json_response(request, body)
+
+    def _org_role(self, caller: Principal, org: str) -> str:
+        """Pulumi Cloud's organization roles: admin, or member for any other access."""
+        if not self.auth.multi_user:
+            return "admin"
+        role = self.auth.access.policy.org_role(caller, org)
+        return "admin" if role == Role.ADMIN else "member"
 
     def _organizations(self, caller: Principal) -> list[str]:
         if not self.auth.multi_user:
@@ -87,8 +102,8 @@ class IdentityRoutes(Routes):
 
     @route("/api/registry/templates", "GET", SIGNED_IN)
     def templates(self, request: IRequest) -> bytes:
-        return json_response(request, {"templates": [], "continuationToken": None})
+        return json_response(request, {"templates": []})
 
     @route("/api/registry/packages", "GET", SIGNED_IN)
     def packages(self, request: IRequest) -> bytes:
-        return json_response(request, {"packages": [], "continuationToken": None})
+        return json_response(request, {"packages": []})

@@ -37,7 +37,7 @@ def document(app: Klein, needs: dict[str, Need], handlers: dict[str, Any]) -> di
             "operationId": f"{name}_{method}",
             "summary": (doc or name.replace("_", " ")).splitlines()[0],
             "parameters": parameters,
-            "responses": _responses(need, method, bool(parameters)),
+            "responses": _responses(need, method),
             "security": _security(need),
             "x-pulumid-need": {"scope": need.scope, "role": need.role.label},
         }
@@ -107,7 +107,7 @@ def _security(need: Need) -> list[dict[str, list[str]]]:
     return [{"token": []}]
 
 
-def _responses(need: Need, method: str, has_parameters: bool) -> dict[str, Any]:
+def _responses(need: Need, method: str) -> dict[str, Any]:
     error = {"description": "{code, message}", "content": {"application/json": {"schema": ERROR}}}
     responses: dict[str, Any] = {
         "2XX": {"description": "done (JSON, or no content)"},
@@ -118,8 +118,8 @@ def _responses(need: Need, method: str, has_parameters: bool) -> dict[str, Any]:
         responses["401"] = {**error, "description": "no or invalid credentials"}
     if need.scope in ("org", "stack", "site-admin", "update", "signed-in"):
         responses["403"] = {**error, "description": "the caller's role is not enough"}
-    if has_parameters or need.scope in ("org", "stack"):
-        responses["404"] = {**error, "description": "no such resource"}
+    # No such resource, or a feature this daemon's configuration does not offer.
+    responses["404"] = {**error, "description": "no such resource, or not offered here"}
     if method in ("post", "patch", "put", "delete"):
         responses["409"] = {**error, "description": "conflicts with the current state"}
         responses["413"] = {**error, "description": "body too large"}

@@ -31,13 +31,12 @@ class StackRoutes(Routes):
         )
         # Stack rules may hide single stacks of a readable organization.
         visible = [s for s in stacks if access.may_read_stack(caller, s.org, s.project, s.name)]
-        return json_response(
-            request,
-            {
-                "stacks": [self._summary(s) for s in visible],
-                "continuationToken": token,
-            },
-        )
+        # No continuationToken at the last page (the CLI reads absent as null; Pulumi Cloud's
+        # schema has it a string when present).
+        page: dict[str, Any] = {"stacks": [self._summary(s) for s in visible]}
+        if token is not None:
+            page["continuationToken"] = token
+        return json_response(request, page)
 
     def _summary(self, stack: StackRecord) -> dict[str, Any]:
         summary: dict[str, Any] = {

@@ -609,8 +609,8 @@ async def test_tags_and_listing(tmp_path: Path) -> None:
         while True:
             page = await server.ok("GET", query)
             names.extend(s["id"] for s in page["stacks"])
-            tokens.append(page["continuationToken"])
-            if page["continuationToken"] is None:
+            tokens.append(page.get("continuationToken"))
+            if page.get("continuationToken") is None:  # absent on the last page
                 break
             query = f"/api/user/stacks?continuationToken={page['continuationToken']}"
         assert names == [f"{ORG}/web/a", f"{ORG}/web/b", f"{ORG}/web/c", f"{ORG}/api/d"]
@@ -620,12 +620,11 @@ async def test_tags_and_listing(tmp_path: Path) -> None:
             "stacks": [
                 {"id": f"{ORG}/api/d", "orgName": ORG, "projectName": "api", "stackName": "d"}
             ],
-            "continuationToken": None,
         }
         page = await server.ok("GET", "/api/user/stacks?tagName=team&tagValue=x")
         assert [s["stackName"] for s in page["stacks"]] == ["a"]
         page = await server.ok("GET", "/api/user/stacks?organization=someone-else")
-        assert page == {"stacks": [], "continuationToken": None}
+        assert page == {"stacks": []}
         (await server.call("GET", "/api/user/stacks?continuationToken=x")).assert_error(400)
 
 
@@ -647,4 +646,4 @@ async def test_identity_and_capabilities(tmp_path: Path) -> None:
         schema = by_name["deployment-schema-version"]
         assert schema["configuration"]["version"] in (3, 4)
         templates = await server.ok("GET", "/api/registry/templates")
-        assert templates == {"templates": [], "continuationToken": None}
+        assert templates == {"templates": []}
