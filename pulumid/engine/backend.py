@@ -6,6 +6,7 @@ blocking work (big JSON, gzip) to the CPU runner.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import secrets as secrets_module
@@ -13,7 +14,7 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -79,6 +80,25 @@ def validate_tags(tags: Any) -> dict[str, str]:
         if not isinstance(value, str) or len(value) > 256:
             raise BadRequest(f"Bad Request: tag {name!r} must be a string of at most 256 chars")
     return dict(tags)
+
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def traced(name: str) -> Callable[[F], F]:
+    """A span around an engine operation when traces are on (child of the request's)."""
+
+    def decorate(method: F) -> F:
+        @functools.wraps(method)
+        async def inner(self: Backend, *args: Any, **kwargs: Any) -> Any:
+            if self.tracing is None:
+                return await method(self, *args, **kwargs)
+            with self.tracing.operation(name):
+                return await method(self, *args, **kwargs)
+
+        return inner  # type: ignore[return-value]
+
+    return decorate
 
 
 class Backend:
@@ -188,6 +208,7 @@ class Backend:
         stack = await self.stack(ref)
         await self.store.set_tags(stack.id, validate_tags(tags))
 
+    @traced("engine.rename_stack")
     async def rename_stack(self, ref: StackRef, new_project: str, new_name: str) -> None:
         stack = await self.stack(ref)
         new_ref = StackRef(ref.org, new_project or ref.project, new_name or ref.name)
@@ -239,6 +260,7 @@ class Backend:
 
     # -- export / import ------------------------------------------------------------------
 
+    @traced("engine.export")
     async def export(self, ref: StackRef, version: int | None) -> StateBlob:
         stack = await self.stack(ref)
         if stack.locked_by and version in (None, stack.version):
@@ -261,6 +283,7 @@ class Backend:
             return StateBlob(deployments.gzip_blocking(deployments.EMPTY_DEPLOYMENT), 0)
         return state
 
+    @traced("engine.import_state")
     async def import_state(self, ref: StackRef, body: bytes) -> str:
         stack = await self.stack(ref)
         state = await self.cpu.run(deployments.untyped_state_blocking, body)
@@ -307,6 +330,7 @@ class Backend:
         await self.store.create_update(update)
         return update.id
 
+    @traced("engine.start_update")
     async def start_update(
         self, ref: StackRef, update_id: str, body: dict[str, Any], engine_version: str = ""
     ) -> UpdateRecord:
@@ -371,6 +395,7 @@ class Backend:
         self.check_owner(ref.org)
         return await self.store.check_lease(update_id, hash_token(token), self.clock.seconds(), ref)
 
+    @traced("engine.checkpoint")
     async def checkpoint(
         self,
         ref: StackRef,
@@ -383,6 +408,7 @@ class Backend:
         update = lease or await self.leased(ref, update_id, token)
         await self.inflight.save_full(update, hash_token(token), body)
 
+    @traced("engine.checkpoint_verbatim")
     async def checkpoint_verbatim(
         self,
         ref: StackRef,
@@ -394,6 +420,7 @@ class Backend:
         update = lease or await self.leased(ref, update_id, token)
         await self.inflight.save_verbatim(update, hash_token(token), body)
 
+    @traced("engine.checkpoint_delta")
     async def checkpoint_delta(
         self,
         ref: StackRef,
@@ -406,6 +433,7 @@ class Backend:
         update = lease or await self.leased(ref, update_id, token)
         await self.inflight.save_delta(update, hash_token(token), wire, body)
 
+    @traced("engine.journal_entries")
     async def journal_entries(
         self,
         ref: StackRef,
@@ -420,6 +448,7 @@ class Backend:
             raise BadRequest("Bad Request: journaling was not enabled for this update")
         await self.inflight.add_journal(update, hash_token(token), wire, body)
 
+    @traced("engine.post_events")
     async def post_events(
         self,
         ref: StackRef,
@@ -445,6 +474,7 @@ class Backend:
             raise Forbidden("Forbidden: the update token is not valid for this update")
         return update
 
+    @traced("engine.complete")
     async def complete(
         self,
         ref: StackRef,
@@ -475,6 +505,7 @@ class Backend:
                 "keeps its last good state"
             )
 
+    @traced("engine.cancel")
     async def cancel(self, ref: StackRef, update_id: str) -> None:
         _stack, update = await self._update_of(ref, update_id)
         state, failure = None, None
@@ -508,6 +539,7 @@ class Backend:
             self.log.error("update {update_id}: {reason}", update_id=update.id, reason=reason)
             return None, reason
 
+    @traced("engine.expire")
     async def _expire(self, update: UpdateRecord) -> bool:
         state, failure = await self._final_state(update)
         expired = await self.store.expire_update(
@@ -615,10 +647,12 @@ class Backend:
             raise NotFound(f"Not Found: stack '{ref}' not found")
         return stack
 
+    @traced("engine.encrypt")
     async def encrypt(self, ref: StackRef, plaintexts: list[bytes]) -> list[bytes]:
         stack = await self._secrets_stack(ref)
         return await self.secrets.encrypt(stack.id, plaintexts)
 
+    @traced("engine.decrypt")
     async def decrypt(self, ref: StackRef, ciphertexts: list[bytes]) -> list[bytes]:
         stack = await self._secrets_stack(ref)
         return await self.secrets.decrypt(stack.id, ciphertexts)

@@ -55,6 +55,12 @@ class Tracing:
             otel_context.detach(token)
             span.end()
 
+    @contextmanager
+    def operation(self, name: str) -> Iterator[None]:
+        """An engine operation's span, under the current (request) span."""
+        with self.tracer.start_as_current_span(name, kind=SpanKind.INTERNAL):
+            yield
+
     def current(self) -> otel_context.Context:
         return otel_context.get_current()
 

@@ -64,6 +64,7 @@ async def test_spans_for_requests_and_database_calls(tmp_path: Path) -> None:
             traceparent = f"00-{TRACE_ID}-{PARENT_ID}-01"
             await server.ok("GET", "/api/user", headers={"traceparent": traceparent})
             await server.ok("POST", f"/api/stacks/{ORG}/web", {"stackName": "dev"})
+            await server.ok("POST", f"/api/stacks/{ORG}/web/dev/encrypt", {"plaintext": "eA=="})
             # The exporter posts from its own thread to the receiver on this reactor.
             await deferToThread(server.backend.tracing.provider.force_flush)
     finally:
@@ -86,6 +87,12 @@ async def test_spans_for_requests_and_database_calls(tmp_path: Path) -> None:
     children = [s for s in receiver.spans if s.parent_span_id == create.span_id]
     assert any(s.name == "db create_stack" for s in children), [s.name for s in children]
     assert all(s.trace_id == create.trace_id for s in children)
+    # An engine operation is a span of its own between the request and its database calls.
+    (encrypt,) = receiver.named("POST /api/stacks/{org}/{project}/{stack}/encrypt")
+    (engine,) = receiver.named("engine.encrypt")
+    assert engine.parent_span_id == encrypt.span_id
+    below = [s for s in receiver.spans if s.parent_span_id == engine.span_id]
+    assert below and all(s.name.startswith("db ") for s in below), [s.name for s in below]
     # The store's call ran within the request (its audit row may be written after it).
     (db,) = [s for s in children if s.name == "db create_stack"]
     assert create.start_time_unix_nano <= db.start_time_unix_nano
