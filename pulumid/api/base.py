@@ -45,10 +45,21 @@ H = TypeVar("H", bound=Callable[..., Any])
 NEEDS: dict[str, Need] = {}
 
 
-def route(path: str, method: str, need: Need) -> Callable[[H], H]:
+# Declared JSON shapes by endpoint: (request body, 2xx answer), for GET /api/openapi.
+SHAPES: dict[str, tuple[dict[str, Any] | None, dict[str, Any] | None]] = {}
+
+
+def route(
+    path: str,
+    method: str,
+    need: Need,
+    body: dict[str, Any] | None = None,
+    answer: dict[str, Any] | None = None,
+) -> Callable[[H], H]:
     """Route METHOD PATH to the handler once the caller has been authorized for NEED.
 
     The need is declared here, at the route; Access decides, in one place, for every route.
+    BODY and ANSWER describe the JSON shapes (pulumid.api.shapes) for the OpenAPI document.
     """
 
     def decorate(handler: H) -> H:
@@ -60,6 +71,7 @@ def route(path: str, method: str, need: Need) -> Callable[[H], H]:
         endpoint = f"{handler.__name__}:{method}"
         template = re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", path)  # <any(..):kind> -> {kind}
         NEEDS[endpoint] = need
+        SHAPES[endpoint] = (body, answer)
         app.route(path, methods=[method], endpoint=endpoint)(guarded)
         return guarded  # type: ignore[return-value]
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from twisted.web.iweb import IRequest
 
+from pulumid.api import shapes
 from pulumid.api.base import Routes, route
 from pulumid.api.http import json_response
 from pulumid.auth.access import PUBLIC, SIGNED_IN
@@ -37,7 +38,7 @@ class IdentityRoutes(Routes):
                 }
             )
 
-    @route("/api/user", "GET", SIGNED_IN)
+    @route("/api/user", "GET", SIGNED_IN, answer=shapes.USER)
     def user(self, request: IRequest) -> bytes:
         caller = self.principal(request)
         orgs = self._organizations(caller)
@@ -77,7 +78,7 @@ class IdentityRoutes(Routes):
             return [self.config.organization]
         return self.auth.access.policy.organizations_of(caller)
 
-    @route("/api/user/organizations/default", "GET", SIGNED_IN)
+    @route("/api/user/organizations/default", "GET", SIGNED_IN, answer=shapes.DEFAULT_ORG)
     def default_org(self, request: IRequest) -> bytes:
         orgs = self._organizations(self.principal(request))
         if not orgs:
@@ -85,7 +86,7 @@ class IdentityRoutes(Routes):
             raise NotFound("Not Found: you are not a member of any organization")
         return json_response(request, {"GitHubLogin": orgs[0], "Messages": []})
 
-    @route("/api/capabilities", "GET", SIGNED_IN)
+    @route("/api/capabilities", "GET", SIGNED_IN, answer=shapes.CAPABILITIES)
     def capabilities(self, request: IRequest) -> bytes:
         return json_response(request, {"capabilities": self.capability_list})
 
@@ -93,11 +94,11 @@ class IdentityRoutes(Routes):
     def openapi(self, request: IRequest) -> bytes:
         """This API's OpenAPI 3.1 description, generated from its routes."""
         if self._openapi is None:
-            from pulumid.api.base import NEEDS, app
+            from pulumid.api.base import NEEDS, SHAPES, app
             from pulumid.api.openapi import document
 
             handlers = {name: getattr(type(self), name, None) for name in dir(type(self))}
-            self._openapi = document(app, NEEDS, handlers)
+            self._openapi = document(app, NEEDS, handlers, SHAPES)
         return json_response(request, self._openapi)
 
     @route("/api/registry/templates", "GET", SIGNED_IN)

@@ -22,7 +22,12 @@ ERROR = {"$ref": "#/components/schemas/Error"}
 _PARAMETER = re.compile(r"<(?:([^:>(]+)(?:\(([^)]*)\))?:)?([^>]+)>")
 
 
-def document(app: Klein, needs: dict[str, Need], handlers: dict[str, Any]) -> dict[str, Any]:
+def document(
+    app: Klein,
+    needs: dict[str, Need],
+    handlers: dict[str, Any],
+    shapes: dict[str, tuple[dict[str, Any] | None, dict[str, Any] | None]] | None = None,
+) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
         need = needs.get(rule.endpoint)
@@ -43,10 +48,16 @@ def document(app: Klein, needs: dict[str, Need], handlers: dict[str, Any]) -> di
         }
         if need.action:
             operation["x-pulumid-audit-action"] = need.action
+        body, answer = (shapes or {}).get(rule.endpoint, (None, None))
         if method in ("post", "patch", "put"):
             operation["requestBody"] = {
-                "required": False,
-                "content": {"application/json": {"schema": {"type": "object"}}},
+                "required": body is not None,
+                "content": {"application/json": {"schema": body or {"type": "object"}}},
+            }
+        if answer is not None:
+            operation["responses"]["200"] = {
+                "description": "done",
+                "content": {"application/json": {"schema": answer}},
             }
         paths.setdefault(path, {})[method] = operation
     return {

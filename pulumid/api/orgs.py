@@ -7,6 +7,7 @@ from typing import Any
 
 from twisted.web.iweb import IRequest
 
+from pulumid.api import shapes
 from pulumid.api.base import Routes, int_arg, query, route
 from pulumid.api.http import json_response
 from pulumid.auth.access import org, site_admin
@@ -29,7 +30,7 @@ class OrgRoutes(Routes):
             raise NotFound(f"Not Found: organization '{name}' not found")
         return entry.grants if entry else Grants(users={self.config.user: Role.ADMIN})
 
-    @route("/api/orgs/<org>/members", "GET", org(Role.READ))
+    @route("/api/orgs/<org>/members", "GET", org(Role.READ), answer=shapes.MEMBERS)
     def members(self, request: IRequest, org: str) -> bytes:
         grants = self._grants(org)
         members = [
@@ -46,7 +47,7 @@ class OrgRoutes(Routes):
         ]
         return json_response(request, {"members": members})
 
-    @route("/api/orgs/<org>/teams", "GET", org(Role.READ))
+    @route("/api/orgs/<org>/teams", "GET", org(Role.READ), answer=shapes.TEAMS)
     def teams(self, request: IRequest, org: str) -> bytes:
         grants = self._grants(org)
         teams = [
@@ -61,7 +62,7 @@ class OrgRoutes(Routes):
         ]
         return json_response(request, {"teams": teams})
 
-    @route("/api/orgs/<org>/roles", "GET", org(Role.READ))
+    @route("/api/orgs/<org>/roles", "GET", org(Role.READ), answer=shapes.ROLES)
     def roles(self, request: IRequest, org: str) -> bytes:
         default = self._grants(org).default or Role.NONE
         roles = [
@@ -82,11 +83,11 @@ class OrgRoutes(Routes):
         ]
         return json_response(request, {"roles": roles})
 
-    @route("/api/orgs/<org>/auditlogs", "GET", org(Role.ADMIN))
+    @route("/api/orgs/<org>/auditlogs", "GET", org(Role.ADMIN), answer=shapes.AUDIT_LOGS)
     async def audit_logs(self, request: IRequest, org: str) -> bytes:
         return await self._audit_page(request, org)
 
-    @route("/api/admin/auditlogs", "GET", site_admin())
+    @route("/api/admin/auditlogs", "GET", site_admin(), answer=shapes.AUDIT_LOGS)
     async def site_audit_logs(self, request: IRequest) -> bytes:
         """What belongs to no organization: sign-ins, tokens, refused exchanges."""
         return await self._audit_page(request, "")

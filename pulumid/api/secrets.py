@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 from twisted.web.iweb import IRequest
 
+from pulumid.api import shapes
 from pulumid.api.base import BASE, Routes, route
 from pulumid.api.http import json_response, no_content, raw_json_response
 from pulumid.auth.access import stack
@@ -18,7 +19,9 @@ from pulumid.storage.records import StackRef
 
 
 class SecretRoutes(Routes):
-    @route(f"{BASE}/encrypt", "POST", stack(Role.WRITE))
+    @route(
+        f"{BASE}/encrypt", "POST", stack(Role.WRITE), body=shapes.ENCRYPT, answer=shapes.ENCRYPTED
+    )
     async def encrypt(self, request: IRequest, org: str, project: str, stack: str) -> bytes:
         body = await self._body(request)
         [ciphertext] = await self.backend.encrypt(
@@ -26,7 +29,9 @@ class SecretRoutes(Routes):
         )
         return json_response(request, {"ciphertext": _b64(ciphertext)})
 
-    @route(f"{BASE}/decrypt", "POST", stack(Role.WRITE))
+    @route(
+        f"{BASE}/decrypt", "POST", stack(Role.WRITE), body=shapes.DECRYPT, answer=shapes.DECRYPTED
+    )
     async def decrypt(self, request: IRequest, org: str, project: str, stack: str) -> bytes:
         body = await self._body(request)
         [plaintext] = await self.backend.decrypt(
@@ -34,7 +39,13 @@ class SecretRoutes(Routes):
         )
         return json_response(request, {"plaintext": _b64(plaintext)})
 
-    @route(f"{BASE}/batch-encrypt", "POST", stack(Role.WRITE))
+    @route(
+        f"{BASE}/batch-encrypt",
+        "POST",
+        stack(Role.WRITE),
+        body=shapes.BATCH_ENCRYPT,
+        answer=shapes.BATCH_ENCRYPTED,
+    )
     async def batch_encrypt(self, request: IRequest, org: str, project: str, stack: str) -> bytes:
         values = _string_list(await self._body(request), "plaintexts")
         size = sum(len(v) for v in values)
@@ -43,7 +54,13 @@ class SecretRoutes(Routes):
         body = await self._offload(size, _encrypted_body, ciphertexts)
         return raw_json_response(request, body)
 
-    @route(f"{BASE}/batch-decrypt", "POST", stack(Role.WRITE))
+    @route(
+        f"{BASE}/batch-decrypt",
+        "POST",
+        stack(Role.WRITE),
+        body=shapes.BATCH_DECRYPT,
+        answer=shapes.BATCH_DECRYPTED,
+    )
     async def batch_decrypt(self, request: IRequest, org: str, project: str, stack: str) -> bytes:
         values = list(dict.fromkeys(_string_list(await self._body(request), "ciphertexts")))
         size = sum(len(v) for v in values)

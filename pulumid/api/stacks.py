@@ -6,6 +6,7 @@ from typing import Any
 
 from twisted.web.iweb import IRequest
 
+from pulumid.api import shapes
 from pulumid.api.base import BASE, STATUS, Routes, int_arg, query, route, version_arg
 from pulumid.api.http import json_response, no_content, read_body
 from pulumid.auth.access import SIGNED_IN, org, stack
@@ -16,7 +17,7 @@ from pulumid.storage.records import StackRecord, StackRef, UpdateRecord
 
 
 class StackRoutes(Routes):
-    @route("/api/user/stacks", "GET", SIGNED_IN)
+    @route("/api/user/stacks", "GET", SIGNED_IN, answer=shapes.STACKS)
     async def list_stacks(self, request: IRequest) -> bytes:
         args = query(request)
         caller = self.principal(request)
@@ -59,12 +60,17 @@ class StackRoutes(Routes):
             raise NotFound(f"Not Found: project '{org}/{project}' not found")
         return b""
 
-    @route("/api/stacks/<org>/<project>", "POST", org(Role.WRITE, "stack.create"))
+    @route(
+        "/api/stacks/<org>/<project>",
+        "POST",
+        org(Role.WRITE, "stack.create"),
+        body=shapes.CREATE_STACK,
+    )
     async def create_stack(self, request: IRequest, org: str, project: str) -> bytes:
         await self.backend.create_stack(org, project, await self._body(request))
         return json_response(request, {})
 
-    @route(BASE, "GET", stack(Role.READ))
+    @route(BASE, "GET", stack(Role.READ), answer=shapes.STACK)
     async def get_stack(self, request: IRequest, org: str, project: str, stack: str) -> bytes:
         record = await self.backend.stack(StackRef(org, project, stack))
         view: dict[str, Any] = {
@@ -132,7 +138,7 @@ class StackRoutes(Routes):
         update_id = await self.backend.import_state(StackRef(org, project, stack), body)
         return json_response(request, {"updateId": update_id})
 
-    @route(f"{BASE}/updates", "GET", stack(Role.READ))
+    @route(f"{BASE}/updates", "GET", stack(Role.READ), answer=shapes.HISTORY)
     async def history(self, request: IRequest, org: str, project: str, stack: str) -> bytes:
         args = query(request)
         # Pulumi Cloud: page 0 (or none) is every entry; pageSize counts only with a page.
@@ -140,13 +146,13 @@ class StackRoutes(Routes):
         updates = await self.backend.history(StackRef(org, project, stack), page, size)
         return json_response(request, {"updates": [self._info(u) for u in updates]})
 
-    @route(f"{BASE}/updates/latest", "GET", stack(Role.READ))
+    @route(f"{BASE}/updates/latest", "GET", stack(Role.READ), answer=shapes.UPDATE_INFO)
     async def latest(self, request: IRequest, org: str, project: str, stack: str) -> bytes:
         ref = StackRef(org, project, stack)
         update = await self.backend.latest(ref)
         return json_response(request, await self._update_info(ref, update))
 
-    @route(f"{BASE}/updates/<version>", "GET", stack(Role.READ))
+    @route(f"{BASE}/updates/<version>", "GET", stack(Role.READ), answer=shapes.UPDATE_INFO)
     async def update_by_version(
         self, request: IRequest, org: str, project: str, stack: str, version: str
     ) -> bytes:

@@ -10,6 +10,7 @@ from urllib.parse import parse_qs
 
 from twisted.web.iweb import IRequest
 
+from pulumid.api import shapes
 from pulumid.api.base import Routes, route
 from pulumid.api.http import json_response, no_content, read_body
 from pulumid.auth.access import PUBLIC, SIGNED_IN, signed_in, site_admin
@@ -23,13 +24,19 @@ FORM_LIMIT = 64 * 1024
 
 
 class TokenRoutes(Routes):
-    @route("/api/user/tokens", "GET", SIGNED_IN)
+    @route("/api/user/tokens", "GET", SIGNED_IN, answer=shapes.TOKENS)
     async def list_tokens(self, request: IRequest) -> bytes:
         caller = self._token_owner(request)
         tokens = await self.backend.store.list_tokens(caller.login)
         return json_response(request, {"tokens": [_view(t) for t in tokens]})
 
-    @route("/api/user/tokens", "POST", signed_in("token.create"))
+    @route(
+        "/api/user/tokens",
+        "POST",
+        signed_in("token.create"),
+        body=shapes.CREATE_TOKEN,
+        answer=shapes.CREATED_TOKEN,
+    )
     async def create_token(self, request: IRequest) -> bytes:
         caller = self._token_owner(request)
         body = await self._body(request)
@@ -62,7 +69,7 @@ class TokenRoutes(Routes):
         caller = self._token_owner(request)
         return await self._revoke(request, token_id, caller.login)
 
-    @route("/api/admin/tokens", "GET", site_admin())
+    @route("/api/admin/tokens", "GET", site_admin(), answer=shapes.TOKENS)
     async def all_tokens(self, request: IRequest) -> bytes:
         tokens = await self.backend.store.list_tokens(None)
         return json_response(request, {"tokens": [_view(t) for t in tokens]})
@@ -114,7 +121,7 @@ class TokenRoutes(Routes):
 
     # -- RFC 8693 -------------------------------------------------------------------------
 
-    @route("/api/oauth/token", "POST", PUBLIC)
+    @route("/api/oauth/token", "POST", PUBLIC, answer=shapes.EXCHANGED)
     async def oauth_token(self, request: IRequest) -> bytes:
         exchange = self.auth.exchange
         if exchange is None:

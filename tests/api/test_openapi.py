@@ -46,6 +46,12 @@ async def test_every_route_is_described(tmp_path: Path) -> None:
     assert "401" not in paths["/api/oauth/token"]["post"]["responses"]
     user = paths["/api/user"]["get"]
     assert user["security"] == [{"token": []}]
+    shape = user["responses"]["200"]["content"]["application/json"]["schema"]
+    assert "githubLogin" in shape["required"] and shape["properties"]["organizations"]
+    create = paths["/api/stacks/{org}/{project}"]["post"]["requestBody"]
+    assert create["required"] and create["content"]["application/json"]["schema"]["required"] == [
+        "stackName"
+    ]
     assert paths["/api/openapi"]["get"]["summary"].startswith("This API's OpenAPI")
     error = doc["components"]["schemas"]["Error"]
     assert error["required"] == ["code", "message"]
