@@ -379,7 +379,15 @@ def make_management(
             return str(e)
         return None
 
-    checks: dict[str, Check] = {"database": database, "master_key": master_key}
+    async def schema() -> str | None:
+        # A newer node may have migrated the database past what this one knows.
+        current = await backend.store.schema_version()
+        expected = int(getattr(backend.store, "expected_schema", current))
+        if current != expected:
+            return f"the database schema is version {current}; this node knows {expected}"
+        return None
+
+    checks: dict[str, Check] = {"database": database, "schema": schema, "master_key": master_key}
     if acme is not None:
         served = acme
 

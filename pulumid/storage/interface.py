@@ -32,6 +32,7 @@ class Store(Protocol):
     def get_meta(self, key: str) -> Deferred[bytes | None]: ...
     def set_meta_if_absent(self, key: str, value: bytes) -> Deferred[bytes]: ...
     def put_meta(self, key: str, value: bytes) -> Deferred[None]: ...  # insert or replace
+    def schema_version(self) -> Deferred[int]: ...  # the database's schema version
 
     # stacks
     def create_stack(

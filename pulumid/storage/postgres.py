@@ -84,6 +84,7 @@ def migrate(conn: Conn) -> int:
 
 
 class PostgresStore(SQLStore):
+    expected_schema = SCHEMA_VERSION
     unique_violation = psycopg.errors.UniqueViolation
     in_batch = sys.maxsize  # one array parameter holds them all
 

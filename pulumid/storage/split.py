@@ -316,6 +316,13 @@ class BlobbedStore:
     def put_meta(self, key: str, value: bytes) -> Deferred[None]:
         return self.meta.put_meta(key, value)
 
+    def schema_version(self) -> Deferred[int]:
+        return self.meta.schema_version()
+
+    @property
+    def expected_schema(self) -> int:
+        return int(getattr(self.meta, "expected_schema", 0))
+
     def get_stack(self, ref: StackRef) -> Deferred[StackRecord | None]:
         return self.meta.get_stack(ref)
 

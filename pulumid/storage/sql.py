@@ -138,6 +138,8 @@ class SQLStore:
 
     # -- plumbing -------------------------------------------------------------------------
 
+    # The schema version this code was written for (readiness compares the database's).
+    expected_schema: ClassVar[int] = 0
     # Told how long each call took on its thread (name of the operation, seconds): metrics.
     timing: Callable[[str, float], None] | None = None
     # pulumid.ops.tracing.Tracing when traces are on: a span per call, under the caller's.
@@ -189,6 +191,16 @@ class SQLStore:
             return bytes(row[0])
 
         return self._write(txn)
+
+    def schema_version(self) -> Deferred[int]:
+        def txn(conn: Connection) -> int:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is None:
+                return 0
+            value = row[0]
+            return int(value if isinstance(value, str | int) else bytes(value).decode())
+
+        return self._read(txn)
 
     def put_meta(self, key: str, value: bytes) -> Deferred[None]:
         def txn(conn: Connection) -> None:

@@ -165,6 +165,7 @@ def _statements(script: str) -> Iterable[str]:
 
 
 class SQLiteStore(SQLStore):
+    expected_schema = SCHEMA_VERSION
     unique_violation = sqlite3.IntegrityError
     in_batch = 500  # one placeholder per id: well below SQLite's limit on parameters
 

@@ -188,6 +188,7 @@ def test_meta_put_if_absent(store: Store) -> None:
     assert ok(store.set_meta_if_absent("k", b"first")) == b"first"
     assert ok(store.set_meta_if_absent("k", b"second")) == b"first"
     assert ok(store.get_meta("k")) == b"first"
+    assert ok(store.schema_version()) == getattr(store, "expected_schema", 0) > 0
     ok(store.put_meta("k", b"replaced"))
     ok(store.put_meta("new", b"\x00binary"))
     assert ok(store.get_meta("k")) == b"replaced"

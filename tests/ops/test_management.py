@@ -63,6 +63,7 @@ async def test_health_readiness_and_metrics(tmp_path: Path) -> None:
         assert (await get(url + "/healthz"))[0] == 200
         code, _, body = await get(url + "/readyz")
         assert code == 200 and "database" in body and "master_key" in body, body
+        assert "schema" in body
         await server.ok("GET", "/api/user")
         await server.ok("GET", "/api/user")
         await server.ok("POST", "/api/stacks/acme/web", {"stackName": "dev"})
