@@ -161,3 +161,44 @@ AUDIT_LOGS = obj(
     },
     {"continuationToken": STRING},
 )
+
+# -- the update lifecycle -------------------------------------------------------------------
+
+NULLABLE_STRING: Schema = {"type": ["string", "null"]}
+CREATE_UPDATE = obj(
+    {},
+    {
+        "name": STRING,
+        "runtime": STRING,
+        "main": STRING,
+        "description": STRING,
+        "options": {"type": "object"},
+        "config": {"type": "object"},
+        "metadata": {"type": "object"},
+    },
+)
+CREATED_UPDATE = obj(
+    {"updateID": STRING, "requiredPolicies": array({"type": "object"}), "messages": array({})}
+)
+STARTED_UPDATE = obj(
+    {"version": INTEGER, "token": STRING, "tokenExpiration": INTEGER},
+    {"journalVersion": INTEGER},
+)
+UPDATE_STATUS = obj(
+    {"status": STRING, "events": array({"type": "object"}), "continuationToken": NULLABLE_STRING},
+    {"failure": STRING},
+)
+RENEW_LEASE = obj({}, {"duration": INTEGER, "token": STRING})
+RENEWED_LEASE = obj({"token": STRING, "tokenExpiration": INTEGER})
+COMPLETE = obj({"status": STRING}, {"result": {"type": "object"}})
+EVENTS = obj({"events": array({"type": "object"}), "continuationToken": NULLABLE_STRING})
+EVENT_BATCH = obj({"events": array({"type": "object"})})
+CHECKPOINT = obj(
+    {}, {"version": INTEGER, "deployment": {"type": "object"}, "features": array(STRING)}
+)
+VERBATIM = obj({"version": INTEGER, "sequenceNumber": INTEGER}, {"untypedDeployment": {}})
+DELTA = obj(
+    {"version": INTEGER, "checkpointHash": STRING, "sequenceNumber": INTEGER},
+    {"deploymentDelta": {}},
+)
+JOURNAL = obj({"entries": array({"type": "object"})})

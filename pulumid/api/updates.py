@@ -7,6 +7,7 @@ from typing import Any
 
 from twisted.web.iweb import IRequest
 
+from pulumid.api import shapes
 from pulumid.api.base import BASE, KIND, STATUS, UPDATE, Routes, query, route
 from pulumid.api.http import (
     json_response,
@@ -23,7 +24,13 @@ from pulumid.storage.records import StackRef, UpdateRecord
 
 
 class UpdateRoutes(Routes):
-    @route(f"{BASE}/{KIND}", "POST", stack(Role.WRITE, "update.create"))
+    @route(
+        f"{BASE}/{KIND}",
+        "POST",
+        stack(Role.WRITE, "update.create"),
+        body=shapes.CREATE_UPDATE,
+        answer=shapes.CREATED_UPDATE,
+    )
     async def create_update(
         self, request: IRequest, org: str, project: str, stack: str, kind: str
     ) -> bytes:
@@ -34,7 +41,7 @@ class UpdateRoutes(Routes):
             request, {"updateID": update_id, "requiredPolicies": [], "messages": []}
         )
 
-    @route(UPDATE, "POST", stack(Role.WRITE, "update.start"))
+    @route(UPDATE, "POST", stack(Role.WRITE, "update.start"), answer=shapes.STARTED_UPDATE)
     async def start_update(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
@@ -53,7 +60,7 @@ class UpdateRoutes(Routes):
             response["journalVersion"] = update.journal_version
         return json_response(request, response)
 
-    @route(UPDATE, "GET", stack(Role.READ))
+    @route(UPDATE, "GET", stack(Role.READ), answer=shapes.UPDATE_STATUS)
     async def update_status(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
@@ -68,7 +75,13 @@ class UpdateRoutes(Routes):
             view["failure"] = update.failure
         return json_response(request, view)
 
-    @route(f"{UPDATE}/renew_lease", "POST", UPDATE_TOKEN)
+    @route(
+        f"{UPDATE}/renew_lease",
+        "POST",
+        UPDATE_TOKEN,
+        body=shapes.RENEW_LEASE,
+        answer=shapes.RENEWED_LEASE,
+    )
     async def renew_lease(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
@@ -92,7 +105,7 @@ class UpdateRoutes(Routes):
             metrics.update_requests.labels(kind).inc()
             metrics.body_bytes.labels(kind).inc(size)
 
-    @route(f"{UPDATE}/checkpoint", "PATCH", UPDATE_TOKEN)
+    @route(f"{UPDATE}/checkpoint", "PATCH", UPDATE_TOKEN, body=shapes.CHECKPOINT)
     async def checkpoint(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
@@ -102,7 +115,7 @@ class UpdateRoutes(Routes):
         self._stored("checkpoint", len(body))
         return no_content(request)
 
-    @route(f"{UPDATE}/checkpointverbatim", "PATCH", UPDATE_TOKEN)
+    @route(f"{UPDATE}/checkpointverbatim", "PATCH", UPDATE_TOKEN, body=shapes.VERBATIM)
     async def checkpoint_verbatim(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
@@ -112,7 +125,7 @@ class UpdateRoutes(Routes):
         self._stored("verbatim", len(body))
         return no_content(request)
 
-    @route(f"{UPDATE}/checkpointdelta", "PATCH", UPDATE_TOKEN)
+    @route(f"{UPDATE}/checkpointdelta", "PATCH", UPDATE_TOKEN, body=shapes.DELTA)
     async def checkpoint_delta(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
@@ -122,7 +135,7 @@ class UpdateRoutes(Routes):
         self._stored("delta", len(body))
         return no_content(request)
 
-    @route(f"{UPDATE}/journalentries", "PATCH", UPDATE_TOKEN)
+    @route(f"{UPDATE}/journalentries", "PATCH", UPDATE_TOKEN, body=shapes.JOURNAL)
     async def journal_entries(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
@@ -132,7 +145,7 @@ class UpdateRoutes(Routes):
         self._stored("journal", len(body))
         return no_content(request)
 
-    @route(f"{UPDATE}/events/batch", "POST", UPDATE_TOKEN)
+    @route(f"{UPDATE}/events/batch", "POST", UPDATE_TOKEN, body=shapes.EVENT_BATCH)
     async def post_events(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
@@ -152,7 +165,7 @@ class UpdateRoutes(Routes):
         await self.backend.post_events(ref, update_id, token, {"events": [body]}, lease)
         return no_content(request)
 
-    @route(f"{UPDATE}/events", "GET", stack(Role.READ))
+    @route(f"{UPDATE}/events", "GET", stack(Role.READ), answer=shapes.EVENTS)
     async def get_events(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
@@ -169,7 +182,7 @@ class UpdateRoutes(Routes):
             b'{"events":[' + b",".join(datas) + b'],"continuationToken":' + token_json + b"}",
         )
 
-    @route(f"{UPDATE}/complete", "POST", UPDATE_TOKEN)
+    @route(f"{UPDATE}/complete", "POST", UPDATE_TOKEN, body=shapes.COMPLETE)
     async def complete(
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
