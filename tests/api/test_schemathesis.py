@@ -53,6 +53,10 @@ def test_schemathesis_finds_no_server_error(tmp_path: Path) -> None:
                 "1",
                 "--seed",
                 "20261201",
+                # Hypothesis' own health checks (data generation too slow on a busy machine)
+                # judge the test's speed, not the API.
+                "--suppress-health-check",
+                "all",
                 "--no-color",
             ],
             capture_output=True,
