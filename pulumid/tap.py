@@ -23,9 +23,10 @@ from pulumid.api.http import limited_request_factory
 from pulumid.auth.access import Access, PolicyHolder
 from pulumid.auth.authn import Authenticator
 from pulumid.auth.exchange import TokenExchange
-from pulumid.auth.google import ServiceAccount, WorkspaceGroups, get_json, post_json_form
-from pulumid.auth.jwt import JWKSKeys, JWTVerifier, StaticKey, fetch_json, principal_of
-from pulumid.auth.oidc import OIDCClient, Sealer, post_form
+from pulumid.auth.google import ServiceAccount, WorkspaceGroups
+from pulumid.auth.jwt import JWKSKeys, JWTVerifier, StaticKey, principal_of
+from pulumid.auth.oidc import OIDCClient, Sealer
+from pulumid.auth.outbound import fetch_json, get_json, post_form
 from pulumid.auth.people import People
 from pulumid.auth.principal import Principal
 from pulumid.auth.rbac import Policy, PolicyReloader, load_policy
@@ -154,8 +155,8 @@ def _metrics(meta: Store, pools: list[PoolRunner]) -> Metrics:
     def busy() -> dict[str, float]:
         return {p.pool.name or "": float(p.busy) for p in pools}
 
-    metrics.gauge("pulumid_thread_pool_queue_depth", "Calls waiting for a thread", queued)
-    metrics.gauge("pulumid_thread_pool_busy_threads", "Threads running a call", busy)
+    metrics.gauge("pulumid_thread_pool_queue_depth", "Calls waiting for a thread", queued, "pool")
+    metrics.gauge("pulumid_thread_pool_busy_threads", "Threads running a call", busy, "pool")
     return metrics
 
 
@@ -202,6 +203,7 @@ def make_backend(config: Config, reactor: Any) -> tuple[service.MultiService, Ba
         "pulumid_running",
         "Running updates, and live leases among them (all nodes)",
         lambda: running,
+        "kind",
     )
     SafeTimer("running-gauges", 15.0, count_running, clock=reactor).setServiceParent(top)
     sweep = max(0.5, min(config.lease_ttl / 4, 15.0))
@@ -285,7 +287,7 @@ def _workspace(settings: AuthConfig, reactor: Any) -> WorkspaceGroups | None:
         ServiceAccount.load(settings.google_service_account_file),
         settings.google_admin_email,
         get_json,
-        post_json_form,
+        post_form,
         reactor,
         settings.google_directory_url,
     )

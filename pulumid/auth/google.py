@@ -138,27 +138,3 @@ class WorkspaceGroups:
         lifetime = float(lifetime) if isinstance(lifetime, int | float) else 3600.0
         self._token = (str(body["access_token"]), now + lifetime)
         return self._token[0]
-
-
-async def get_json(url: str, headers: Mapping[str, str]) -> tuple[int, Any]:
-    import treq
-    from twisted.web.http_headers import Headers
-
-    sent = Headers({name.encode(): [value.encode()] for name, value in headers.items()})
-    response = await treq.get(url, headers=sent, timeout=15.0)
-    raw = await response.content()
-    try:
-        return response.code, json.loads(raw) if raw else {}
-    except ValueError:
-        return response.code, {}
-
-
-async def post_json_form(url: str, form: Mapping[str, str]) -> tuple[int, Any]:
-    import treq
-
-    response = await treq.post(url, data=dict(form), timeout=15.0)
-    raw = await response.content()
-    try:
-        return response.code, json.loads(raw) if raw else {}
-    except ValueError:
-        return response.code, {}

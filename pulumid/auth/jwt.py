@@ -7,7 +7,6 @@ the time checks are ours so they use IReactorTime.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -209,19 +208,6 @@ def claim_strings(value: Any) -> tuple[str, ...]:
     if isinstance(value, list):
         return tuple(str(v) for v in value if isinstance(v, str | int) and str(v))
     return ()
-
-
-async def fetch_json(url: str, timeout: float = 10.0) -> Any:
-    """GET URL as JSON with treq (the daemon's fetcher)."""
-    import treq
-    from twisted.web.http_headers import Headers
-
-    accept = Headers({b"Accept": [b"application/json"]})
-    response = await treq.get(url, timeout=timeout, headers=accept)
-    body = await response.content()
-    if response.code != 200:
-        raise OSError(f"GET {url}: HTTP {response.code}")
-    return json.loads(body)
 
 
 def principal_of(claims: Mapping[str, Any], username_claim: str, groups_claim: str) -> Any:

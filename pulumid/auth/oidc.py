@@ -252,16 +252,3 @@ class OIDCClient:
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).decode().rstrip("=")
-
-
-async def post_form(url: str, form: Mapping[str, str], client: tuple[str, str]) -> tuple[int, Any]:
-    """The daemon's Post: treq, client_secret_basic."""
-    import treq
-
-    response = await treq.post(url, data=dict(form), auth=client, timeout=15.0)
-    raw = await response.content()
-    try:
-        body = json.loads(raw) if raw else {}
-    except ValueError:
-        body = {}
-    return response.code, body

@@ -61,32 +61,33 @@ class Metrics:
         self._gauges = _Gauges()
         r.register(self._gauges)
 
-    def gauge(self, name: str, documentation: str, read: Callable[[], dict[str, float]]) -> None:
-        """A gauge read at scrape time: READ returns {label value: number} ("" for none)."""
-        self._gauges.add(name, documentation, read)
+    def gauge(
+        self,
+        name: str,
+        documentation: str,
+        read: Callable[[], dict[str, float]],
+        label: str | None = None,
+    ) -> None:
+        """A gauge read at scrape time: READ returns {LABEL's value: number}, or {"": number}
+        when the gauge has no label."""
+        self._gauges.add(name, documentation, read, label)
 
 
 class _Gauges(Collector):
     def __init__(self) -> None:
-        self._gauges: list[tuple[str, str, Callable[[], dict[str, float]]]] = []
+        self._gauges: list[tuple[str, str, Callable[[], dict[str, float]], str | None]] = []
 
-    def add(self, name: str, documentation: str, read: Callable[[], dict[str, float]]) -> None:
-        self._gauges.append((name, documentation, read))
+    def add(
+        self, name: str, documentation: str, read: Callable[[], dict[str, float]], label: str | None
+    ) -> None:
+        self._gauges.append((name, documentation, read, label))
 
     def collect(self) -> Iterator[Any]:
         info = InfoMetricFamily("pulumid_build", "pulumid's version")
         info.add_metric([], {"version": __version__})
         yield info
-        for name, documentation, read in self._gauges:
-            values = read()
-            labelled = any(values) and any(key for key in values)
-            family = GaugeMetricFamily(
-                name, documentation, labels=[_label(name)] if labelled else None
-            )
-            for key, value in sorted(values.items()):
-                family.add_metric([key] if labelled else [], value)
+        for name, documentation, read, label in self._gauges:
+            family = GaugeMetricFamily(name, documentation, labels=[label] if label else None)
+            for key, value in sorted(read().items()):
+                family.add_metric([key] if label else [], value)
             yield family
-
-
-def _label(name: str) -> str:
-    return "pool" if "pool" in name else "kind"

@@ -25,10 +25,10 @@ from pulumid.auth.jwt import (
     JWTVerifier,
     StaticKey,
     claim_strings,
-    fetch_json,
     principal_of,
     unverified_claims,
 )
+from pulumid.auth.outbound import fetch_json
 from pulumid.errors import Unauthorized
 from tests.oidc_provider import OIDCProvider
 

@@ -52,7 +52,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request as WebRequest
 from twisted.web.server import Site
 
-from pulumid.auth import google
+from pulumid.auth import google, outbound
 from pulumid.auth.google import CACHE_SECONDS, ServiceAccount, WorkspaceGroups
 from pulumid.auth.oidc import OIDCClient, Sealer, SignInRefused
 from pulumid.config import AuthConfig, Config
@@ -685,8 +685,8 @@ async def test_token_and_groups_lifetimes(tmp_path: Path) -> None:
         groups = WorkspaceGroups(
             ServiceAccount.load(str(fake.key_file(tmp_path / "sa.json"))),
             ADMIN,
-            google.get_json,
-            google.post_json_form,
+            outbound.get_json,
+            outbound.post_form,
             clock,
             fake.directory_url,
         )
