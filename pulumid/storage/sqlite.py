@@ -11,6 +11,7 @@ import os
 import shutil
 import sqlite3
 import stat
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -147,9 +148,9 @@ def _end_open_transaction(conn: sqlite3.Connection) -> None:
 def _rollback_quietly(conn: sqlite3.Connection, faults: Faults | None = None) -> None:
     """Roll back after an error without hiding that error: if the ROLLBACK fails too, it is
     logged, and the next use of the connection rolls back before it begins."""
-    if not conn.in_transaction:
-        return
     try:
+        if not conn.in_transaction:  # raises on a closed connection
+            return
         if faults is not None:
             faults.hit("rollback")
         conn.execute("ROLLBACK")
@@ -182,6 +183,9 @@ class SQLiteStore(SQLStore):
         self._conn = conn
         self._path = path
         self._lock = lock
+        # Held by every use of the connection and by close(): closing a connection that a
+        # worker thread is using crashes the process (seen: a segfault in executemany).
+        self._using = threading.Lock()
 
     @classmethod
     def open(
@@ -203,7 +207,8 @@ class SQLiteStore(SQLStore):
         return cls(conn, runner, path=path, lock=lock, faults=faults)
 
     def close(self) -> None:
-        self._conn.close()
+        with self._using:
+            self._conn.close()
         if self._lock is not None:
             self._lock.close()
             self._lock = None
@@ -211,13 +216,18 @@ class SQLiteStore(SQLStore):
     # -- plumbing -------------------------------------------------------------------------
 
     def _reading(self, f: Callable[..., T], *args: Any) -> T:
-        try:
-            _end_open_transaction(self._conn)
-            return f(self._conn, *args)
-        except sqlite3.Error as e:
-            raise _unavailable(e) from e
+        with self._using:
+            try:
+                _end_open_transaction(self._conn)
+                return f(self._conn, *args)
+            except sqlite3.Error as e:
+                raise _unavailable(e) from e
 
     def _in_transaction(self, f: Callable[..., T], *args: Any) -> T:
+        with self._using:
+            return self._transaction(f, *args)
+
+    def _transaction(self, f: Callable[..., T], *args: Any) -> T:
         conn = self._conn
         try:
             _end_open_transaction(conn)
