@@ -15,19 +15,24 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
 from pulumid.ops.tls import SwappableTLS
 from pulumid.storage.interface import Store
+
+T = TypeVar("T")
 
 log = Logger()
 
@@ -204,16 +209,37 @@ class ACME:
             published[token] = validation.encode()
 
         # The thread collects the challenges; the reactor publishes them before answering.
-        order = await deferToThread(_begin, self.settings, account_pem, publish)
+        order = await _off_the_pool(_begin, self.settings, account_pem, publish)
         for token, validation in published.items():
             self.challenges.answers[token] = validation
             await self.store.put_meta(CHALLENGE + token, validation)
         try:
-            return await deferToThread(_finish, order)
+            return await _off_the_pool(_finish, order)
         finally:
             for token in published:
                 self.challenges.answers.pop(token, None)
                 await self.store.put_meta(CHALLENGE + token, b"")
+
+
+def _off_the_pool(f: Callable[..., T], *args: Any) -> Deferred[T]:
+    """F(*ARGS) on a daemon thread of its own. Not the reactor's pool: shutdown joins that
+    pool, and an order polling the CA for up to 90 s would hold up SIGTERM. An order cut
+    short by the exit is abandoned at the CA; the next start orders again."""
+    from twisted.internet import reactor
+
+    d: Deferred[T] = Deferred()
+
+    def run() -> None:
+        try:
+            result = f(*args)
+        except BaseException:
+            failure = Failure()
+            reactor.callFromThread(d.errback, failure)  # type: ignore[attr-defined]
+        else:
+            reactor.callFromThread(d.callback, result)  # type: ignore[attr-defined]
+
+    threading.Thread(target=run, name="acme", daemon=True).start()
+    return d
 
 
 @dataclass
