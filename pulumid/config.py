@@ -97,6 +97,14 @@ class Config:
     db_pool_size: int = 4
     token: str = ""
     master_key: str | None = None
+    secrets_key: str = "local"
+    previous_secrets_keys: tuple[str, ...] = ()
+    key_rotation_batch: int = 100
+    gcp_credentials_file: str = ""
+    backup_schedule: float = 0.0
+    backup_to: tuple[str, ...] = ()
+    backup_keep: int = 14
+    backup_max_age: float = 0.0
     organization: str = "organization"
     user: str = "admin"
     lease_ttl: float = 300.0
@@ -151,6 +159,16 @@ def _non_negative_int(value: str) -> int:
     number = int(value)
     if number < 0:
         raise ValueError(f"must not be negative, not {value}")
+    return number
+
+
+def duration(value: str) -> float:
+    """Seconds, or a number with a unit: 90, 90s, 30m, 6h, 7d."""
+    text = value.strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}.get(text[-1:], 0)
+    number = float(text[:-1] if scale else text) * (scale or 1)
+    if not number >= 0 or number == float("inf"):
+        raise ValueError(f"want seconds or a duration such as 30m, 6h, 7d, not {value!r}")
     return number
 
 
@@ -241,6 +259,48 @@ _PARAMETERS: list[tuple[str, Any, Callable[[str], Any] | None, str]] = [
         "Secrets master key, 64 hex characters; generated and printed once when absent",
     ),
     ("master-key-file", None, None, "Read the master key from this file instead"),
+    (
+        "secrets-key",
+        "local",
+        None,
+        "The key that wraps stacks' data keys: local (the master key), file:PATH, "
+        "awskms://KEY?region=R&endpoint=URL or gcpkms://projects/.../cryptoKeys/K",
+    ),
+    (
+        "previous-secrets-keys",
+        "",
+        None,
+        "Comma-separated keys that still open what they wrapped; the daemon re-wraps it all "
+        "under --secrets-key, then they can go",
+    ),
+    ("key-rotation-batch", 100, _positive_int, "Data keys re-wrapped per transaction"),
+    (
+        "gcp-credentials-file",
+        "",
+        None,
+        "Google service account key file for gcpkms:// keys",
+    ),
+    (
+        "backup-schedule",
+        0.0,
+        duration,
+        "Take a backup this often (seconds, or 30m, 6h, 1d; 0: only on request); the first "
+        "one at start",
+    ),
+    (
+        "backup-to",
+        "",
+        None,
+        "Comma-separated backup destinations: a directory, or s3://bucket/prefix?endpoint=URL"
+        "&region=R&path_style=true; each may end in ?keep=N&max_age=30d (or &keep=...)",
+    ),
+    ("backup-keep", 14, _positive_int, "Backups kept per destination (unless it says keep=)"),
+    (
+        "backup-max-age",
+        0.0,
+        duration,
+        "Backups older than this are deleted (0: by count only), unless a destination says",
+    ),
     ("organization", "organization", None, "Default organization name"),
     ("user", "admin", None, "The user name the token logs in as"),
     (
@@ -635,7 +695,32 @@ def build_config(opts: usage.Options | dict[str, Any]) -> Config:
             parse_s3_url(blob_store)
         except ValueError as e:
             raise usage.UsageError(f"--blob-store: {e}") from None
-    if is_postgres(database) and master_key is None:
+    secrets_key = _text(opts, "secrets-key") or "local"
+    previous_keys = tuple(
+        k.strip() for k in _text(opts, "previous-secrets-keys").split(",") if k.strip()
+    )
+    for option, spec in [("--secrets-key", secrets_key)] + [
+        ("--previous-secrets-keys", k) for k in previous_keys
+    ]:
+        from pulumid.secrets.keys import KeySpec
+
+        try:
+            KeySpec.parse(spec)
+        except ValueError as e:
+            raise usage.UsageError(f"{option}: {e}") from None
+    needs_local = "local" in (secrets_key, *previous_keys)
+    backup_to = tuple(d.strip() for d in _text(opts, "backup-to").split(",") if d.strip())
+    if backup_to:
+        from pulumid.ops.backups import parse_destination
+
+        for spec in backup_to:
+            try:
+                parse_destination(spec, 1, 0.0)
+            except ValueError as e:
+                raise usage.UsageError(f"--backup-to: {e}") from None
+    if float(opts["backup-schedule"]) and not backup_to:
+        raise usage.UsageError("--backup-schedule needs somewhere to put them: --backup-to")
+    if is_postgres(database) and master_key is None and needs_local:
         raise usage.UsageError(
             "with PostgreSQL, every node needs the same secrets master key: pass "
             "--master-key-file (or PULUMID_MASTER_KEY_FILE)"
@@ -647,6 +732,14 @@ def build_config(opts: usage.Options | dict[str, Any]) -> Config:
         db_pool_size=int(opts["db-pool-size"]),
         token=token,
         master_key=master_key.lower() if master_key else None,
+        secrets_key=secrets_key,
+        previous_secrets_keys=previous_keys,
+        key_rotation_batch=int(opts["key-rotation-batch"]),
+        gcp_credentials_file=_text(opts, "gcp-credentials-file"),
+        backup_schedule=float(opts["backup-schedule"]),
+        backup_to=backup_to,
+        backup_keep=int(opts["backup-keep"]),
+        backup_max_age=float(opts["backup-max-age"]),
         organization=opts["organization"],
         user=opts["user"],
         lease_ttl=float(opts["lease-ttl"]),

@@ -40,11 +40,14 @@ from pulumid.ops.access import APISite
 from pulumid.ops.acme import ACME, Challenges
 from pulumid.ops.acme import Settings as ACMESettings
 from pulumid.ops.audit import AuditTrail
+from pulumid.ops.backups import Backups, Snapshot, parse_destination
 from pulumid.ops.management import Check, Management
 from pulumid.ops.metrics import Metrics
 from pulumid.ops.tls import ReloadingTLS, SwappableTLS
 from pulumid.ops.tracing import Tracing
 from pulumid.secrets.crypto import MasterKey
+from pulumid.secrets.keys import Keyring, KeyUnavailable, build_keyring
+from pulumid.secrets.rotation import KeyRotation
 from pulumid.services.timers import SafeTimer
 from pulumid.storage.blobs import S3Blobs
 from pulumid.storage.faults import Faults
@@ -58,6 +61,8 @@ __all__ = ["Options", "makeService"]
 
 # Object storage requests in flight at once per node.
 BLOB_THREADS = 8
+# KMS calls in flight at once (each a blocking HTTP request).
+KMS_THREADS = 4
 
 
 class _TracingService(service.Service):
@@ -165,17 +170,29 @@ def make_backend(config: Config, reactor: Any) -> tuple[service.MultiService, Ba
     db = PoolRunner(reactor, "db", config.db_pool_size if config.postgres else 1)
     cpu = PoolRunner(reactor, "cpu", cpu_pool_size())
     meta, startup_store = _open_metadata(config, db)
-    master = _master_key(config)
-    # Before the threads run, check the key on this thread with an inline store.
-    startup = StackSecrets(startup_store, master, InlineRunner())
-    checked: Deferred[None] = Deferred.fromCoroutine(startup.check_master_key())
+    uses_local = "local" in (config.secrets_key, *config.previous_secrets_keys)
+    master = _master_key(config) if uses_local else None
+    # Before the threads run, check the keys on this thread: inline store, inline KMS calls.
+    try:
+        startup_keys = _keyring(config, master, InlineRunner())
+    except ValueError as e:
+        meta.close()
+        raise usage.UsageError(str(e)) from None
+    startup = StackSecrets(startup_store, startup_keys, InlineRunner())
+    site_key: list[bytes] = []
+
+    async def check() -> None:
+        await startup.check_keys()
+        site_key.append(await startup.site_key())
+
+    checked: Deferred[None] = Deferred.fromCoroutine(check())
     failures: list[Failure] = []
     checked.addErrback(failures.append)
     if startup_store is not meta and config.postgres:
         startup_store.close()
     if failures:
         meta.close()
-        if failures[0].check(MasterKeyMismatch):
+        if failures[0].check(MasterKeyMismatch, KeyUnavailable):
             raise usage.UsageError(str(failures[0].value))
         failures[0].raiseException()
     storage = _StoreService()
@@ -183,7 +200,11 @@ def make_backend(config: Config, reactor: Any) -> tuple[service.MultiService, Ba
     db.setServiceParent(top)
     cpu.setServiceParent(top)
     store = storage.store = _open_blobs(config, meta, top, reactor)
-    secrets = StackSecrets(store, master, cpu)
+    kms: Runner = cpu
+    if any(k.startswith(("awskms:", "gcpkms:")) for k in startup_keys.keys):
+        kms = PoolRunner(reactor, "kms", KMS_THREADS)
+        kms.setServiceParent(top)
+    secrets = StackSecrets(store, _keyring(config, master, kms), cpu)
     events = EventWriter(store)
     inflight = InFlight(store, cpu, reactor, config.max_body_size, config.inflight_memory)
     backend = Backend(config, store, reactor, cpu, secrets, events, inflight)
@@ -219,8 +240,56 @@ def make_backend(config: Config, reactor: Any) -> tuple[service.MultiService, Ba
             clock=reactor,
             now=False,
         ).setServiceParent(top)
-    backend.auth = make_auth(config, backend, reactor, top, master)
+    rotation = KeyRotation(
+        store,
+        secrets.keyring,
+        reactor,
+        backend.node,
+        config.key_rotation_batch,
+        getattr(meta, "faults", None),
+    )
+    backend.rotation = rotation
+    SafeTimer("key-rotation", 30.0, rotation.tick, clock=reactor).setServiceParent(top)
+    backend.metrics.gauge(
+        "pulumid_secrets_data_keys",
+        "Stacks' data keys by the key that wraps them",
+        lambda: {k or "(unnamed)": float(n) for k, n in rotation.counts.items()},
+        "key_id",
+    )
+    if config.backup_to:
+        backend.backups = make_backups(config, backend, top, reactor)
+    backend.auth = make_auth(config, backend, reactor, top, site_key[0])
     return top, backend
+
+
+def _keyring(config: Config, master: MasterKey | None, runner: Runner) -> Keyring:
+    return build_keyring(
+        config.secrets_key,
+        config.previous_secrets_keys,
+        master,
+        runner,
+        config.gcp_credentials_file,
+    )
+
+
+def make_backups(
+    config: Config, backend: Backend, top: service.MultiService, reactor: Any
+) -> Backups:
+    runner = PoolRunner(reactor, "backup", 1)
+    runner.setServiceParent(top)
+    snapshot = Snapshot(config.database, config.blob_store, config.postgres)
+    destinations = [
+        parse_destination(spec, config.backup_keep, config.backup_max_age)
+        for spec in config.backup_to
+    ]
+    backups = Backups(snapshot, destinations, runner, backend.store, reactor, backend.node)
+    backups.register(backend.metrics)
+    if config.backup_schedule:
+        interval = config.backup_schedule
+        SafeTimer(
+            "backups", interval, lambda: backups.scheduled(interval), clock=reactor
+        ).setServiceParent(top)
+    return backups
 
 
 def make_auth(
@@ -228,7 +297,7 @@ def make_auth(
     backend: Backend,
     reactor: Any,
     top: service.MultiService,
-    master: MasterKey,
+    site_key: bytes,
 ) -> Auth:
     """Authentication, the RBAC policy (reloaded on SIGHUP), the audit trail, their timers."""
     settings = config.auth
@@ -257,7 +326,7 @@ def make_auth(
         "token-last-used", 60.0, authenticator.flush_last_used, clock=reactor, now=False
     ).setServiceParent(top)
     if settings.mode in ("oidc", "google"):
-        sealer = Sealer(master, b"pulumid sign-in")
+        sealer = Sealer(site_key, b"pulumid sign-in")
         client = OIDCClient(settings, reactor, fetch_json, post_form, sealer)
         auth.people = People(
             client,
@@ -376,8 +445,8 @@ def make_management(
 
     async def master_key() -> str | None:
         try:
-            await startup.check_master_key()
-        except MasterKeyMismatch as e:
+            await startup.check_canary(startup.keyring.primary)
+        except (MasterKeyMismatch, KeyUnavailable) as e:
             return str(e)
         return None
 

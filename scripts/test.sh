@@ -11,12 +11,13 @@ fi
 "$venv/bin/pip" install -q --upgrade pip
 "$venv/bin/pip" install -q -e '.[test]'
 
-echo "== building the Pulumi CLI, YAML host, test provider and MinIO (cached); PostgreSQL, HAProxy, oidc-provider, pebble"
+echo "== building the Pulumi CLI, YAML host, test provider, MinIO and local-kms (cached); PostgreSQL, HAProxy, oidc-provider, pebble"
 versions=${PULUMID_E2E_CLI_VERSIONS:-3.259.0,3.210.0}
 for v in ${versions//,/ }; do scripts/build-pulumi.sh cli "$v" >/dev/null; done
 scripts/build-pulumi.sh yaml 1.19.1 >/dev/null
 scripts/build-provider.sh >/dev/null
 scripts/build-minio.sh >/dev/null
+scripts/build-local-kms.sh >/dev/null
 scripts/install-postgres.sh >/dev/null
 scripts/install-haproxy.sh >/dev/null
 scripts/install-oidc-provider.sh >/dev/null

@@ -149,3 +149,20 @@ def test_micro_benchmarks_run(tmp_path: Path) -> None:
         "delta checkpoint",
     ):
         assert title in text
+
+
+def test_backup_and_rotation_benchmark_runs() -> None:
+    proc = _run(
+        ["benchmarks.backups", "--stacks", "6", "--resources", "3", "--payload", "64", "--kms"],
+        timeout=600,
+    )
+    lines = proc.stdout.splitlines()
+    assert [line.split(":", 1)[0] for line in lines[1:]] == [
+        "backup",
+        "restore",
+        "rotation to a new master key",
+        "rotation local -> AWS KMS (local-kms)",
+    ], proc.stdout
+    # Every data key moved: 6 under the new key, 0 left under the old (then under KMS).
+    for line in lines[3:]:
+        assert "for 6 stacks" in line and "': 6" in line and "': 0" in line, line

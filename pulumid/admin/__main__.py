@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import IO
 
+from pulumid.admin import backups
 from pulumid.admin.databases import AdminError
 from pulumid.admin.port import PortOptions, port
+from pulumid.ops.backups import BackupError
 from pulumid.storage.blobs import parse_s3_url
 
 PORT_HELP = """\
@@ -73,6 +76,34 @@ def _run_port(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
         return 2
 
 
+def _run_backups(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    try:
+        if args.action == "list":
+            return backups.list_backups(args.destination, out)
+        keys = backups.load_keys(args.master_key_file or [])
+        if args.action == "verify":
+            return backups.verify(args.backup, keys, out)
+        return backups.restore(args.backup, Path(args.to), keys, out)
+    except (BackupError, ValueError, OSError) as e:
+        out.flush()
+        err.write(f"pulumid-admin backups {args.action}: {e}\n")
+        err.flush()
+        return 2
+
+
+BACKUP_HELP = """\
+Backups as the daemon takes them (--backup-to): NAME.db.gz (a gzip'd SQLite database) and
+NAME.json (its manifest). BACKUP names either file: a path, or s3://bucket/prefix/NAME.json
+(?endpoint=URL&region=R&path_style=true); S3 credentials come from the AWS chain.
+
+  list DEST              the complete backups at a directory or s3:// prefix, newest first
+  verify BACKUP          checksum, SQLite integrity, manifest; with --master-key-file, that
+                         the key opens its canary in the backup
+  restore BACKUP --to F  all of verify, then the database at F (a new path: never over a
+                         database); says what it restored. Start pulumid on F with the same
+                         master key; for PostgreSQL, port F into it (pulumid-admin port)
+"""
+
 Command = Callable[[argparse.Namespace, IO[str], IO[str]], int]
 
 
@@ -116,6 +147,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="copy nothing: only compare SOURCE and DEST",
     )  # fmt: skip
     port_parser.set_defaults(run=_run_port)
+
+    backup_parser = commands.add_parser(
+        "backups",
+        help="list, verify and restore backups",
+        description=BACKUP_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = backup_parser.add_subparsers(title="actions", dest="action", required=True)
+    listing = actions.add_parser("list", help="the backups at a destination")
+    listing.add_argument("destination", metavar="DEST", help="a directory or s3:// URL")
+    for action in ("verify", "restore"):
+        sub = actions.add_parser(action, help=f"{action} one backup")
+        sub.add_argument("backup", metavar="BACKUP", help="NAME.json or NAME.db.gz, or s3://...")
+        sub.add_argument(
+            "--master-key-file", action="append", metavar="FILE",
+            help="a local key (64 hex characters) that must open its canary; may be repeated",
+        )  # fmt: skip
+        if action == "restore":
+            sub.add_argument("--to", required=True, metavar="FILE", help="the new database")
+    backup_parser.set_defaults(run=_run_backups)
     return parser
 
 

@@ -73,7 +73,7 @@ TABLES = (
     Table("stacks", _columns(STACK_COLUMNS), ("id",), serial=True),
     Table("stack_tags", ("stack_id", "name", "value"), ("stack_id", "name")),
     Table("stack_aliases", ("org", "project", "name", "stack_id"), ("org", "project", "name")),
-    Table("stack_keys", ("stack_id", "wrapped"), ("stack_id",), binary=("wrapped",)),
+    Table("stack_keys", ("stack_id", "key_id", "wrapped"), ("stack_id",), binary=("wrapped",)),
     Table(
         "states",
         ("stack_id", "version", "data", "resource_count"),

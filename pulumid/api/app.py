@@ -6,6 +6,7 @@ werkzeug's NotFound reaches the shared error handler and becomes a JSON 404.
 
 from __future__ import annotations
 
+from pulumid.api.admin import AdminRoutes
 from pulumid.api.identity import IdentityRoutes
 from pulumid.api.login import LoginRoutes
 from pulumid.api.orgs import OrgRoutes
@@ -16,6 +17,13 @@ from pulumid.api.updates import UpdateRoutes
 
 
 class API(
-    IdentityRoutes, StackRoutes, SecretRoutes, UpdateRoutes, TokenRoutes, OrgRoutes, LoginRoutes
+    IdentityRoutes,
+    StackRoutes,
+    SecretRoutes,
+    UpdateRoutes,
+    TokenRoutes,
+    OrgRoutes,
+    LoginRoutes,
+    AdminRoutes,
 ):
     """Every route of the API, over one Backend."""

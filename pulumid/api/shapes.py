@@ -202,3 +202,43 @@ DELTA = obj(
     {"deploymentDelta": {}},
 )
 JOURNAL = obj({"entries": array({"type": "object"})})
+
+BACKUP = obj(
+    {
+        "name": STRING,
+        "file": STRING,
+        "created": {"type": "number"},
+        "sha256": STRING,
+        "size": INTEGER,
+        "schema_version": INTEGER,
+        "pulumid_version": STRING,
+        "stacks": INTEGER,
+        "updates": INTEGER,
+    },
+    {"destination": STRING, "keys": {"type": "object"}},
+)
+BACKUP_TAKEN = obj(
+    {"backup": BACKUP, "stored": array(STRING), "failed": {"type": "object"}},
+)
+BACKUPS = obj({"backups": array(BACKUP)})
+KEYS = obj(
+    {
+        "primary": STRING,
+        "lastRotation": {
+            "oneOf": [
+                {"type": "null"},
+                obj({"rewrapped": INTEGER, "skipped": INTEGER, "seconds": {"type": "number"}}),
+            ]
+        },
+        "keys": array(
+            obj(
+                {
+                    "keyId": STRING,
+                    "stacks": INTEGER,
+                    "configured": BOOLEAN,
+                    "primary": BOOLEAN,
+                }
+            )
+        ),
+    }
+)

@@ -63,13 +63,10 @@ class WorkspaceGroups:
         clock: IReactorTime,
         directory: str = DIRECTORY,
     ) -> None:
-        self._account = account
-        self._admin = admin_email
         self._get = get
-        self._post = post
         self._clock = clock
         self._directory = directory.rstrip("/")
-        self._token: tuple[str, float] | None = None
+        self._tokens = AccessTokens(account, SCOPE, post, clock, subject=admin_email)
         self._cache: dict[str, tuple[tuple[str, ...], float]] = {}
 
     def drop_cache(self) -> int:
@@ -83,7 +80,7 @@ class WorkspaceGroups:
         cached = self._cache.get(email.lower())
         if cached is not None and cached[1] > now:
             return cached[0]
-        token = await self._access_token(now)
+        token = await self._tokens.get()
         found: set[str] = set()
         page = ""
         retried = False
@@ -95,8 +92,9 @@ class WorkspaceGroups:
             status, body = await self._get(url, {"Authorization": f"Bearer {token}"})
             if status == 401 and not retried:
                 # Google dropped the access token early: get another, once.
-                retried, self._token = True, None
-                token = await self._access_token(now)
+                retried = True
+                self._tokens.drop()
+                token = await self._tokens.get()
                 status, body = await self._get(url, {"Authorization": f"Bearer {token}"})
             if status != 200 or not isinstance(body, dict):
                 raise Unavailable(f"Service Unavailable: Google's Directory API answered {status}")
@@ -110,22 +108,34 @@ class WorkspaceGroups:
         self._cache[email.lower()] = (groups, now + CACHE_SECONDS)
         return groups
 
-    async def _access_token(self, now: float) -> str:
+
+class AccessTokens:
+    """OAuth access tokens for a service account (RFC 7523 assertion signed with its key),
+    each kept until a minute before it expires. SUBJECT: the person it acts as, if any."""
+
+    def __init__(
+        self,
+        account: ServiceAccount,
+        scope: str,
+        post: PostForm,
+        clock: IReactorTime,
+        subject: str | None = None,
+    ) -> None:
+        self._account = account
+        self._scope = scope
+        self._post = post
+        self._clock = clock
+        self._subject = subject
+        self._token: tuple[str, float] | None = None
+
+    def drop(self) -> None:
+        self._token = None
+
+    async def get(self) -> str:
+        now = self._clock.seconds()
         if self._token is not None and self._token[1] > now + 60:
             return self._token[0]
-        assertion = jwt.encode(
-            {
-                "iss": self._account.email,
-                "sub": self._admin,
-                "scope": SCOPE,
-                "aud": self._account.token_uri,
-                "iat": int(now),
-                "exp": int(now) + 3600,
-            },
-            self._account.private_key,
-            algorithm="RS256",
-            headers={"kid": self._account.key_id} if self._account.key_id else None,
-        )
+        assertion = service_account_assertion(self._account, self._scope, now, self._subject)
         status, body = await self._post(
             self._account.token_uri, {"grant_type": GRANT, "assertion": assertion}
         )
@@ -138,3 +148,24 @@ class WorkspaceGroups:
         lifetime = float(lifetime) if isinstance(lifetime, int | float) else 3600.0
         self._token = (str(body["access_token"]), now + lifetime)
         return self._token[0]
+
+
+def service_account_assertion(
+    account: ServiceAccount, scope: str, now: float, subject: str | None = None
+) -> str:
+    """The signed JWT a service account trades for an access token (RFC 7523)."""
+    claims: dict[str, Any] = {
+        "iss": account.email,
+        "scope": scope,
+        "aud": account.token_uri,
+        "iat": int(now),
+        "exp": int(now) + 3600,
+    }
+    if subject:
+        claims["sub"] = subject
+    return jwt.encode(
+        claims,
+        account.private_key,
+        algorithm="RS256",
+        headers={"kid": account.key_id} if account.key_id else None,
+    )

@@ -65,10 +65,11 @@ class SignIn:
 
 
 class Sealer:
-    """Seals small JSON values with a key of their own, derived from the master key."""
+    """Seals small JSON values with a key of their own, derived from the site key (a data
+    key wrapped by the keyring: rotation re-wraps it, so what is sealed stays readable)."""
 
-    def __init__(self, master: crypto.MasterKey, purpose: bytes) -> None:
-        self._key = master.derive(purpose)
+    def __init__(self, root: bytes, purpose: bytes) -> None:
+        self._key = crypto.derive_key(root, purpose)
         self._purpose = purpose
 
     def seal(self, value: Any) -> str:

@@ -127,6 +127,9 @@ class Backend:
         self.organizations: Callable[[], list[str]] = lambda: [config.organization, config.user]
         # pulumid.auth.service.Auth, composed in tap.py; the API reads it.
         self.auth: Any = None
+        # Set by the tap: the key rotation service, and the backups when a destination is set.
+        self.rotation: Any = None
+        self.backups: Any = None
         # pulumid.ops.metrics.Metrics, composed in tap.py.
         self.metrics: Any = None
         # pulumid.ops.tracing.Tracing when traces are exported.

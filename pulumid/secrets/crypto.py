@@ -75,8 +75,7 @@ class MasterKey:
 
     def derive(self, purpose: bytes) -> bytes:
         """A separate 256-bit key for PURPOSE (HKDF-SHA256): other uses never see this one."""
-        hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=None, info=purpose)
-        return hkdf.derive(self._key)
+        return derive_key(self._key, purpose)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, MasterKey):
@@ -88,6 +87,12 @@ class MasterKey:
 
     def __repr__(self) -> str:
         return "MasterKey(<redacted>)"
+
+
+def derive_key(root: bytes, purpose: bytes) -> bytes:
+    """A 256-bit key for PURPOSE from ROOT (HKDF-SHA256)."""
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=None, info=purpose)
+    return hkdf.derive(root)
 
 
 def new_data_key() -> bytes:
@@ -168,3 +173,11 @@ def check_canary(master: MasterKey, canary: bytes) -> bool:
     except DecryptionError:
         return False
     return hmac.compare_digest(plaintext, _CANARY_PLAINTEXT)
+
+
+def seal_with_master(master: MasterKey, plaintext: bytes, context: bytes) -> bytes:
+    return _seal(master._aead(), plaintext, context)
+
+
+def open_with_master(master: MasterKey, blob: bytes, context: bytes) -> bytes:
+    return _open(master._aead(), blob, context)

@@ -2,8 +2,9 @@
 
 A spec is a comma-separated list of `ACTION@POINT:N`: at the N-th time the store reaches
 POINT, do ACTION. Points: `commit` (just before COMMIT), `committed` (just after it),
-`rollback` (just before ROLLBACK). Actions: `kill` (SIGKILL the process: a crash at that
-instant) and `ioerror` (fail as a disk I/O error would, once). Set with PULUMID_TEST_FAULTS.
+`rollback` (just before ROLLBACK), `rewrapped` (after each batch of key rotation). Actions:
+`kill` (SIGKILL the process: a crash at that instant) and `ioerror` (fail as a disk I/O
+error would, once). Set with PULUMID_TEST_FAULTS.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sqlite3
 from dataclasses import dataclass, field
 
 ACTIONS = ("kill", "ioerror")
-POINTS = ("commit", "committed", "rollback")
+POINTS = ("commit", "committed", "rollback", "rewrapped")
 
 
 @dataclass

@@ -157,6 +157,11 @@ MIGRATIONS: list[str | Callable[[psycopg.Connection[Any]], None]] = [
     -- Retention sweeps find old events by age.
     CREATE INDEX audit_events_by_time ON audit_events (time);
     """,
+    # v4: which key wraps each stack's data key ('' : the master key of before key ids).
+    """
+    ALTER TABLE stack_keys ADD COLUMN key_id TEXT NOT NULL DEFAULT '';
+    CREATE INDEX stack_keys_by_key ON stack_keys (key_id, stack_id);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -148,3 +148,12 @@ class AuditRecord:
     description: str = ""
     auth_failure: bool = False
     id: int = 0
+
+
+@dataclass(frozen=True)
+class WrappedKey:
+    """A data key as stored: encrypted by the keyring's key KEY_ID ('' : the master key of
+    databases from before key ids, adopted at start)."""
+
+    key_id: str
+    wrapped: bytes

@@ -165,6 +165,12 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     -- Retention sweeps find old events by age.
     CREATE INDEX audit_events_by_time ON audit_events (time);
     """,
+    # v6: which key wraps each stack's data key ('' : the master key of before key ids,
+    # adopted at the next start), so keys can be rotated while the daemon serves.
+    """
+    ALTER TABLE stack_keys ADD COLUMN key_id TEXT NOT NULL DEFAULT '';
+    CREATE INDEX stack_keys_by_key ON stack_keys (key_id, stack_id);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

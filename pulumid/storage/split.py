@@ -36,6 +36,7 @@ from pulumid.storage.records import (
     StoredEvent,
     TokenRecord,
     UpdateRecord,
+    WrappedKey,
 )
 
 T = TypeVar("T")
@@ -349,11 +350,22 @@ class BlobbedStore:
     def set_tags(self, stack_id: int, tags: dict[str, str]) -> Deferred[None]:
         return self.meta.set_tags(stack_id, tags)
 
-    def get_stack_key(self, stack_id: int) -> Deferred[bytes | None]:
+    def get_stack_key(self, stack_id: int) -> Deferred[WrappedKey | None]:
         return self.meta.get_stack_key(stack_id)
 
-    def put_stack_key_if_absent(self, stack_id: int, wrapped: bytes) -> Deferred[bytes]:
-        return self.meta.put_stack_key_if_absent(stack_id, wrapped)
+    def put_stack_key_if_absent(self, stack_id: int, key: WrappedKey) -> Deferred[WrappedKey]:
+        return self.meta.put_stack_key_if_absent(stack_id, key)
+
+    def stack_keys_not_wrapped_by(
+        self, key_id: str, after: int, limit: int
+    ) -> Deferred[list[tuple[int, WrappedKey]]]:
+        return self.meta.stack_keys_not_wrapped_by(key_id, after, limit)
+
+    def rewrap_stack_keys(self, rows: list[tuple[int, str, WrappedKey]]) -> Deferred[int]:
+        return self.meta.rewrap_stack_keys(rows)
+
+    def count_stack_keys(self) -> Deferred[dict[str, int]]:
+        return self.meta.count_stack_keys()
 
     def create_update(self, update: UpdateRecord) -> Deferred[None]:
         return self.meta.create_update(update)

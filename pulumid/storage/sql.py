@@ -30,6 +30,7 @@ from pulumid.storage.records import (
     StoredEvent,
     TokenRecord,
     UpdateRecord,
+    WrappedKey,
 )
 from pulumid.storage.rows import (
     ANOTHER_UPDATE,
@@ -373,28 +374,62 @@ class SQLStore:
 
     # -- secrets keys ---------------------------------------------------------------------
 
-    def get_stack_key(self, stack_id: int) -> Deferred[bytes | None]:
-        def txn(conn: Connection) -> bytes | None:
+    def get_stack_key(self, stack_id: int) -> Deferred[WrappedKey | None]:
+        def txn(conn: Connection) -> WrappedKey | None:
             row = conn.execute(
-                "SELECT wrapped FROM stack_keys WHERE stack_id = ?", (stack_id,)
+                "SELECT key_id, wrapped FROM stack_keys WHERE stack_id = ?", (stack_id,)
             ).fetchone()
-            return bytes(row[0]) if row else None
+            return WrappedKey(row[0], bytes(row[1])) if row else None
 
         return self._read(txn)
 
-    def put_stack_key_if_absent(self, stack_id: int, wrapped: bytes) -> Deferred[bytes]:
-        def txn(conn: Connection) -> bytes:
+    def put_stack_key_if_absent(self, stack_id: int, key: WrappedKey) -> Deferred[WrappedKey]:
+        def txn(conn: Connection) -> WrappedKey:
             conn.execute(
-                "INSERT INTO stack_keys (stack_id, wrapped) VALUES (?, ?) "
+                "INSERT INTO stack_keys (stack_id, key_id, wrapped) VALUES (?, ?, ?) "
                 "ON CONFLICT (stack_id) DO NOTHING",
-                (stack_id, wrapped),
+                (stack_id, key.key_id, key.wrapped),
             )
             row = conn.execute(
-                "SELECT wrapped FROM stack_keys WHERE stack_id = ?", (stack_id,)
+                "SELECT key_id, wrapped FROM stack_keys WHERE stack_id = ?", (stack_id,)
             ).fetchone()
-            return bytes(row[0])
+            return WrappedKey(row[0], bytes(row[1]))
 
         return self._write(txn)
+
+    def stack_keys_not_wrapped_by(
+        self, key_id: str, after: int, limit: int
+    ) -> Deferred[list[tuple[int, WrappedKey]]]:
+        def txn(conn: Connection) -> list[tuple[int, WrappedKey]]:
+            rows = conn.execute(
+                "SELECT stack_id, key_id, wrapped FROM stack_keys "
+                "WHERE key_id <> ? AND stack_id > ? ORDER BY stack_id LIMIT ?",
+                (key_id, after, limit),
+            ).fetchall()
+            return [(row[0], WrappedKey(row[1], bytes(row[2]))) for row in rows]
+
+        return self._read(txn)
+
+    def rewrap_stack_keys(self, rows: list[tuple[int, str, WrappedKey]]) -> Deferred[int]:
+        def txn(conn: Connection) -> int:
+            # Only where the old key still wraps it: another node may have been first.
+            changed = 0
+            for stack_id, old_key_id, key in rows:
+                changed += conn.execute(
+                    "UPDATE stack_keys SET key_id = ?, wrapped = ? "
+                    "WHERE stack_id = ? AND key_id = ?",
+                    (key.key_id, key.wrapped, stack_id, old_key_id),
+                ).rowcount
+            return changed
+
+        return self._write(txn)
+
+    def count_stack_keys(self) -> Deferred[dict[str, int]]:
+        def txn(conn: Connection) -> dict[str, int]:
+            rows = conn.execute("SELECT key_id, COUNT(*) FROM stack_keys GROUP BY key_id")
+            return {row[0]: int(row[1]) for row in rows.fetchall()}
+
+        return self._read(txn)
 
     # -- updates --------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from pulumid.engine.events import EventWriter
 from pulumid.engine.inflight import InFlight
 from pulumid.engine.secrets import StackSecrets
 from pulumid.secrets.crypto import MasterKey
+from pulumid.secrets.keys import Keyring, LocalKey
 from pulumid.storage.blobs import S3Blobs
 from pulumid.storage.interface import Store
 from pulumid.storage.postgres import PostgresStore
@@ -87,8 +88,8 @@ def _backend(path: Path, now: float = START) -> tuple[Backend, SQLiteStore, Cloc
     clock = Clock()
     clock.advance(now)
     cpu = InlineRunner()
-    secrets = StackSecrets(store, MasterKey.from_hex(MASTER_KEY), cpu)
-    ok(secrets.check_master_key())  # the canary a daemon checks its key against
+    secrets = StackSecrets(store, Keyring(LocalKey(MasterKey.from_hex(MASTER_KEY))), cpu)
+    ok(secrets.check_keys())  # the canary a daemon checks its key against
     inflight = InFlight(store, cpu, clock, config.max_body_size)
     backend = Backend(config, store, clock, cpu, secrets, EventWriter(store), inflight)
     return backend, store, clock

@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 
 from pulumid.auth.oidc import OIDCClient, Sealer, SignInRefused
 from pulumid.config import AuthConfig
-from pulumid.secrets.crypto import MasterKey
+from pulumid.secrets import crypto
 
 
 def client(**settings: Any) -> OIDCClient:
@@ -25,7 +25,7 @@ def client(**settings: Any) -> OIDCClient:
     async def unused(*args: Any) -> Any:
         raise AssertionError("no network here")
 
-    return OIDCClient(config, Clock(), unused, unused, Sealer(MasterKey.generate(), b"t"))
+    return OIDCClient(config, Clock(), unused, unused, Sealer(crypto.new_data_key(), b"t"))
 
 
 def test_login_email_and_groups_come_from_the_configured_claims() -> None:
@@ -54,7 +54,7 @@ def test_allowed_domains_and_unverified_emails() -> None:
 
 
 def test_sign_in_state_is_sealed_and_tamper_evident() -> None:
-    sealer = Sealer(MasterKey.generate(), b"pulumid sign-in")
+    sealer = Sealer(crypto.new_data_key(), b"pulumid sign-in")
     text = sealer.seal({"p": 8080, "cn": "nonce"})
     assert sealer.open(text) == {"p": 8080, "cn": "nonce"}
     assert "8080" not in text and "nonce" not in text
@@ -62,4 +62,4 @@ def test_sign_in_state_is_sealed_and_tamper_evident() -> None:
     with pytest.raises(Exception, match="sign-in state is not valid"):
         sealer.open(forged)
     with pytest.raises(Exception, match="sign-in state is not valid"):
-        Sealer(MasterKey.generate(), b"pulumid sign-in").open(text)
+        Sealer(crypto.new_data_key(), b"pulumid sign-in").open(text)

@@ -279,6 +279,10 @@ TARGETS: dict[str, Target] = {
     "revoke_any_token:DELETE": Target(token="writer"),
     "site_audit_logs:GET": Target(),
     "drop_groups_cache:DELETE": Target(never_ok="404: Workspace groups exist in google mode only"),
+    "take_backup:POST": Target(never_ok="404: no backup destination in the matrix's daemon"),
+    "list_backups:GET": Target(never_ok="404: no backup destination in the matrix's daemon"),
+    "keys:GET": Target(),
+    "rotate:POST": Target(),
     # organizations
     "members:GET": Target(),
     "teams:GET": Target(),

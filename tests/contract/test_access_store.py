@@ -388,8 +388,8 @@ def test_sqlite_v4_migrates_to_v5_keeping_its_data(tmp_path: Path) -> None:
         store.close()
     with closing(sqlite3.connect(path)) as conn:
         version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    assert version == (str(schema.SCHEMA_VERSION),) and schema.SCHEMA_VERSION == 5
-    assert (tmp_path / "db.sqlite.before-v5").exists()
+    assert version == (str(schema.SCHEMA_VERSION),) and schema.SCHEMA_VERSION >= 5
+    assert (tmp_path / f"db.sqlite.before-v{schema.SCHEMA_VERSION}").exists()
 
 
 def test_postgres_v2_migrates_to_v3_keeping_its_data(postgres_server: PostgresServer) -> None:
@@ -409,7 +409,7 @@ def test_postgres_v2_migrates_to_v3_keeping_its_data(postgres_server: PostgresSe
         assert ok(store.claim("retention", "node-b", 1.0, 2.0)) is False
         _use_the_new_tables(store)
         assert ok(store.get_meta("schema_version")) == str(pg_schema.SCHEMA_VERSION).encode()
-        assert pg_schema.SCHEMA_VERSION == 3
+        assert pg_schema.SCHEMA_VERSION >= 3
         # A new stack still gets the next id.
         assert ok(store.create_stack(StackRef("o", "p", "t"), {}, NOW, None)).id == 2
     finally:

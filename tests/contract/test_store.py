@@ -32,6 +32,7 @@ from pulumid.storage.records import (
     StateBlob,
     StoredEvent,
     UpdateRecord,
+    WrappedKey,
 )
 from pulumid.storage.split import BlobbedStore
 from pulumid.storage.sqlite import SQLiteStore
@@ -198,11 +199,33 @@ def test_meta_put_if_absent(store: Store) -> None:
 def test_stack_keys_put_if_absent(store: Store) -> None:
     stack = make_stack(store)
     other = make_stack(store, "other")
+    first = WrappedKey("local:a", b"\x00wrapped-1")
     assert ok(store.get_stack_key(stack.id)) is None
-    assert ok(store.put_stack_key_if_absent(stack.id, b"\x00wrapped-1")) == b"\x00wrapped-1"
-    assert ok(store.put_stack_key_if_absent(stack.id, b"wrapped-2")) == b"\x00wrapped-1"
-    assert ok(store.get_stack_key(stack.id)) == b"\x00wrapped-1"
+    assert ok(store.put_stack_key_if_absent(stack.id, first)) == first
+    assert ok(store.put_stack_key_if_absent(stack.id, WrappedKey("local:b", b"w-2"))) == first
+    assert ok(store.get_stack_key(stack.id)) == first
     assert ok(store.get_stack_key(other.id)) is None
+
+
+def test_stack_keys_rewrap_only_what_the_old_key_still_wraps(store: Store) -> None:
+    stacks = [make_stack(store, f"s{i}") for i in range(5)]
+    for i, stack in enumerate(stacks):
+        key_id = "old" if i < 4 else "new"
+        ok(store.put_stack_key_if_absent(stack.id, WrappedKey(key_id, b"k%d" % i)))
+    assert ok(store.count_stack_keys()) == {"old": 4, "new": 1}
+    # In stack id order, after a cursor, a page at a time.
+    page = ok(store.stack_keys_not_wrapped_by("new", 0, 3))
+    assert [sid for sid, _ in page] == [s.id for s in stacks[:3]]
+    assert all(key.key_id == "old" for _, key in page)
+    rest = ok(store.stack_keys_not_wrapped_by("new", page[-1][0], 3))
+    assert [sid for sid, _ in rest] == [stacks[3].id]
+    # A row another node re-wrapped first (its old key id no longer matches) is left alone.
+    changes = [(sid, "old", WrappedKey("new", b"n" + key.wrapped)) for sid, key in page]
+    changes.append((stacks[4].id, "old", WrappedKey("new", b"clobbered")))
+    assert ok(store.rewrap_stack_keys(changes)) == 3
+    assert ok(store.get_stack_key(stacks[0].id)) == WrappedKey("new", b"nk0")
+    assert ok(store.get_stack_key(stacks[4].id)) == WrappedKey("new", b"k4")
+    assert ok(store.count_stack_keys()) == {"old": 1, "new": 4}
 
 
 # -- stacks -------------------------------------------------------------------------------
@@ -314,7 +337,7 @@ def test_delete_empty_stack_removes_everything(store: Store) -> None:
     stack = make_stack(store)
     update = started(store, stack)
     ok(store.complete_update(update.id, "t", NOW + 1, "succeeded", 0))
-    ok(store.put_stack_key_if_absent(stack.id, b"key"))
+    ok(store.put_stack_key_if_absent(stack.id, WrappedKey("k", b"key")))
     ok(store.delete_stack(stack.id, False))
     assert ok(store.get_stack(stack.ref)) is None
     assert ok(store.get_update(update.id)) is None
@@ -334,7 +357,7 @@ def test_delete_locked_stack_conflicts_unless_forced(store: Store) -> None:
 
 def test_rename_keeps_an_alias(store: Store) -> None:
     stack = make_stack(store, tags={"a": "1"})
-    ok(store.put_stack_key_if_absent(stack.id, b"key"))
+    ok(store.put_stack_key_if_absent(stack.id, WrappedKey("k", b"key")))
     new = ref("prod", project="site")
     ok(store.rename_stack(stack.id, new, 0, None, None, 0))
     assert ok(store.get_stack(ref())) is None
@@ -344,7 +367,7 @@ def test_rename_keeps_an_alias(store: Store) -> None:
     assert renamed.tags == {"a": "1"}
     via_alias = ok(store.get_stack_or_alias(ref()))
     assert via_alias is not None and via_alias.id == stack.id and via_alias.ref == new
-    assert ok(store.get_stack_key(stack.id)) == b"key"
+    assert ok(store.get_stack_key(stack.id)) == WrappedKey("k", b"key")
     # A new stack at the old name takes the name back from the alias.
     fresh = make_stack(store)
     by_old = ok(store.get_stack_or_alias(ref()))

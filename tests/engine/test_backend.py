@@ -21,6 +21,7 @@ from pulumid.engine.inflight import InFlight
 from pulumid.engine.secrets import StackSecrets
 from pulumid.errors import BadRequest, Conflict, Forbidden, NotFound
 from pulumid.secrets.crypto import MasterKey
+from pulumid.secrets.keys import Keyring, LocalKey
 from pulumid.services.timers import SafeTimer
 from pulumid.storage.records import StackRef, UpdateRecord
 from pulumid.storage.sqlite import SQLiteStore
@@ -88,7 +89,7 @@ def _env(tmp_path: Path, **overrides: Any) -> Env:
     clock = Clock()
     clock.advance(START)
     cpu = InlineRunner()
-    secrets = StackSecrets(store, MasterKey.generate(), cpu)
+    secrets = StackSecrets(store, Keyring(LocalKey(MasterKey.generate())), cpu)
     events = EventWriter(store)
     inflight = InFlight(store, cpu, clock, config.max_body_size)
     backend = Backend(config, store, clock, cpu, secrets, events, inflight)

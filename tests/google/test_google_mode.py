@@ -58,7 +58,6 @@ from pulumid.auth.oidc import OIDCClient, Sealer, SignInRefused
 from pulumid.config import AuthConfig, Config
 from pulumid.engine.backend import Backend
 from pulumid.errors import Unavailable
-from pulumid.secrets.crypto import MasterKey
 from pulumid.tap import make_backend, make_site
 from tests.oidc_provider import OIDCProvider, OIDCUser, oidc_provider, sign_in
 
@@ -727,7 +726,7 @@ def test_a_blank_hosted_domain_entry_admits_no_one_without_hd() -> None:
         Clock(),
         _never,
         _never,
-        Sealer(MasterKey.from_hex(KEY), b"test"),
+        Sealer(bytes.fromhex(KEY), b"test"),
     )
     assert client.identity({"sub": "1", "email": ALICE, "hd": DOMAIN})[0] == ALICE
     with pytest.raises(SignInRefused):
