@@ -23,6 +23,10 @@ from pulumid.storage.records import IdentityRecord, TokenRecord
 FORM_LIMIT = 64 * 1024
 
 
+# Anything later is a mistake (milliseconds for seconds) or beyond a float's exact range.
+MAX_LIFETIME = 10 * 365 * 86400
+
+
 class TokenRoutes(Routes):
     @route("/api/user/tokens", "GET", SIGNED_IN, answer=shapes.TOKENS)
     async def list_tokens(self, request: IRequest) -> bytes:
@@ -49,6 +53,8 @@ class TokenRoutes(Routes):
         now = self.backend.clock.seconds()
         if expires and expires <= now:
             raise BadRequest("Bad Request: 'expires' is in the past")
+        if expires > now + MAX_LIFETIME:
+            raise BadRequest("Bad Request: 'expires' is more than ten years away (0: never)")
         if caller.kind == "user":
             await self._remember(caller, now)
         value = "pul-" + new_token()

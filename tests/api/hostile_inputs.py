@@ -134,6 +134,8 @@ class Route:
         return "{update}" in self.template
 
 
+AUDIT_QUERIES = ("continuationToken", "startTime", "endTime", "userFilter", "eventFilter")
+
 ROUTES: tuple[Route, ...] = (
     Route("user", "GET", "/api/user", "user"),
     Route("default_org", "GET", "/api/user/organizations/default", "user"),
@@ -211,6 +213,19 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route("complete", "POST", UPDATE + "/complete", "update", has_body=True, target="U2"),
     Route("cancel", "POST", UPDATE + "/cancel", "user", target="U1"),
+    # Teams and site administration (issues 15 and 17): no stack or update of their own.
+    Route("my_tokens", "GET", "/api/user/tokens", "user"),
+    Route("create_token", "POST", "/api/user/tokens", "user", has_body=True),
+    Route("all_tokens", "GET", "/api/admin/tokens", "user"),
+    Route("members", "GET", "/api/orgs/{org}/members", "user"),
+    Route("teams", "GET", "/api/orgs/{org}/teams", "user"),
+    Route("roles", "GET", "/api/orgs/{org}/roles", "user"),
+    Route("org_audit_logs", "GET", "/api/orgs/{org}/auditlogs", "user", queries=AUDIT_QUERIES),
+    Route("site_audit_logs", "GET", "/api/admin/auditlogs", "user", queries=AUDIT_QUERIES),
+    Route("list_backups", "GET", "/api/admin/backups", "user"),
+    Route("take_backup", "POST", "/api/admin/backups", "user"),
+    Route("keys", "GET", "/api/admin/keys", "user"),
+    Route("rotate_keys", "POST", "/api/admin/keys/rotate", "user"),
 )
 ROUTE = {route.name: route for route in ROUTES}
 BODY_ROUTES = tuple(r for r in ROUTES if r.has_body)
@@ -457,6 +472,8 @@ def valid_body(route: str, ctx: BodyContext) -> Any:
         }
     if route == "complete":
         return {"status": "succeeded"}
+    if route == "create_token":
+        return {"description": "ci", "expires": 0}
     return None
 
 
@@ -505,6 +522,7 @@ NUMBER_FIELDS: dict[str, tuple[Path, ...]] = {
     "create_update": (("options", "dryRun"),),
     "encrypt": (("plaintext",),),
     "batch_decrypt": (("ciphertexts", 0),),
+    "create_token": (("expires",),),
 }
 STRING_FIELDS: dict[str, tuple[Path, ...]] = {
     "create_stack": (("stackName",), ("tags", "team")),
@@ -519,6 +537,7 @@ STRING_FIELDS: dict[str, tuple[Path, ...]] = {
     "complete": (("status",),),
     "decrypt": (("ciphertext",),),
     "encrypt": (("plaintext",),),
+    "create_token": (("description",),),
 }
 
 

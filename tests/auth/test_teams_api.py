@@ -335,9 +335,12 @@ async def test_personal_tokens(
             {"expires": "soon"},
             {"expires": True},
             {"expires": 1.5},
+            {"expires": 2**64},  # would lose precision as the stored float
+            {"expires": int(time.time() * 1000)},  # milliseconds, not seconds
         ):
             reply = await server.call("POST", "/api/user/tokens", body, auth=jwts[ALICE])
             reply.assert_error(400)
+        assert (await server.ok("GET", "/api/user/tokens", auth=jwts[ALICE]))["tokens"] == []
         (await server.call("GET", "/api/user/tokens", auth=None)).assert_error(401)
 
 
