@@ -911,3 +911,34 @@ def _faults() -> str:
         except ValueError as e:
             raise usage.UsageError(f"PULUMID_TEST_FAULTS: {e}") from None
     return spec
+
+
+def env_file(active: dict[str, str]) -> str:
+    """A commented copy of every PULUMID_* variable with its help and default (an
+    EnvironmentFile for a service manager); the variables in ACTIVE are set, not commented."""
+    import textwrap
+
+    entries: list[tuple[str, str, str]] = [
+        ("listen", "tcp:8080:interface=127.0.0.1", "API listeners, comma-separated endpoints")
+    ]
+    for name, default, _coerce, text in _PARAMETERS:
+        entries.append((name, "" if default is None else str(default), text))
+    for name, flag, text in _BOOLEANS:
+        entries.append((name, "true" if flag else "false", text))
+    lines = [
+        "# pulumid's environment: every PULUMID_* variable `twistd pulumid --help` documents.",
+        "# Flags on the command line win over these. Secrets belong in files (the *_FILE",
+        "# variables), readable only by the service user.",
+    ]
+    for name, default, text in entries:
+        var = env_name(name)
+        lines.append("")
+        lines.extend(textwrap.wrap(text, 88, initial_indent="# ", subsequent_indent="# "))
+        if var in active:
+            lines.append(f"{var}={active[var]}")
+        else:
+            lines.append(f"#{var}={default}")
+    unknown = sorted(set(active) - {env_name(name) for name, _d, _t in entries})
+    if unknown:
+        raise ValueError(f"not pulumid variables: {', '.join(unknown)}")
+    return "\n".join(lines) + "\n"

@@ -11,7 +11,7 @@ fi
 "$venv/bin/pip" install -q --upgrade pip
 "$venv/bin/pip" install -q -e '.[test]'
 
-echo "== building the Pulumi CLI, YAML host, test provider, MinIO and local-kms (cached); PostgreSQL, HAProxy, oidc-provider, pebble"
+echo "== building the Pulumi CLI, YAML host, test provider, MinIO and local-kms (cached); PostgreSQL, HAProxy, oidc-provider, pebble, packaging tools"
 versions=${PULUMID_E2E_CLI_VERSIONS:-3.259.0,3.210.0}
 for v in ${versions//,/ }; do scripts/build-pulumi.sh cli "$v" >/dev/null; done
 scripts/build-pulumi.sh yaml 1.19.1 >/dev/null
@@ -22,6 +22,7 @@ scripts/install-postgres.sh >/dev/null
 scripts/install-haproxy.sh >/dev/null
 scripts/install-oidc-provider.sh >/dev/null
 scripts/install-pebble.sh >/dev/null
+scripts/install-packaging-tools.sh >/dev/null
 
 echo "== lint and types"
 "$venv/bin/ruff" check pulumid twisted tests benchmarks
@@ -29,5 +30,5 @@ echo "== lint and types"
 
 echo "== tests"
 start=$(date +%s)
-"$venv/bin/pytest" -q "$@"
+"$venv/bin/pytest" -q --durations=30 "$@"
 echo "test suite wall time: $(( $(date +%s) - start ))s"

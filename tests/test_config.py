@@ -345,3 +345,18 @@ def test_jwt_mode_from_the_environment(tmp_path: Path, monkeypatch: pytest.Monke
     assert config.auth.mode == "jwt" and config.auth.multi_user
     assert config.auth.jwt_secret == "s" * 32
     assert config.auth.trusted_proxies == "10.0.0.0/8"
+
+
+def test_the_environment_file_lists_every_variable_and_parses_back() -> None:
+    from pulumid.config import _BOOLEANS, _PARAMETERS, env_file, env_name
+
+    text = env_file({"PULUMID_DATABASE": "/var/lib/pulumid/pulumid.db"})
+    names = [name for name, *_ in _PARAMETERS] + [name for name, *_ in _BOOLEANS] + ["listen"]
+    for name in names:
+        var = env_name(name)
+        assert f"\n#{var}=" in text or f"\n{var}=" in text, var
+    assert "\nPULUMID_DATABASE=/var/lib/pulumid/pulumid.db\n" in text
+    set_lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert set_lines == ["PULUMID_DATABASE=/var/lib/pulumid/pulumid.db"]
+    with pytest.raises(ValueError, match="PULUMID_NOPE"):
+        env_file({"PULUMID_NOPE": "1"})
