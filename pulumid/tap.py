@@ -430,7 +430,9 @@ def make_acme(
     listener = strports.service(config.acme_http_listen, Site(challenges))
     listener.setName("acme-http")
     listener.setServiceParent(top)
-    SafeTimer("acme", config.acme_check_interval, acme.check, clock=reactor).setServiceParent(top)
+    SafeTimer(
+        "acme", config.acme_check_interval, acme.check, clock=reactor, wait_on_stop=False
+    ).setServiceParent(top)
     return acme
 
 

@@ -28,11 +28,13 @@ class SafeTimer(TimerService):
         clock: IReactorTime | None = None,
         *,
         now: bool = True,
+        wait_on_stop: bool = True,
     ) -> None:
         super().__init__(step, self._tick)
         self.setName(name)
         self._callable = tick
         self._now = now
+        self._wait_on_stop = wait_on_stop
         self.failures = 0
         if clock is not None:
             self.clock = clock
@@ -47,6 +49,12 @@ class SafeTimer(TimerService):
         self._loop.clock = self.clock  # type: ignore[assignment]
         self._loopFinished = self._loop.start(self.step, now=False)
         self._loopFinished.addErrback(self._failed)
+
+    def stopService(self) -> Deferred[None] | None:
+        stopping = super().stopService()
+        # A tick that waits on the outside world (an ACME order polling its CA for up to
+        # 90 s) must not hold up the daemon's exit: it is abandoned, to be redone at start.
+        return stopping if self._wait_on_stop else None
 
     def _tick(self) -> Deferred[None]:
         d: Deferred[Any] = Deferred.fromCoroutine(self._run())

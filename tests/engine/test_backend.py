@@ -551,3 +551,24 @@ def test_safe_timer_survives_a_failing_tick() -> None:
         timer.stopService()
     clock.advance(50)
     assert len(calls) == 4
+
+
+def test_a_timer_may_leave_its_running_tick_behind_at_stop() -> None:
+    # An ACME order can poll its CA for 90 s: the daemon's exit must not wait for it.
+    clock = Clock()
+    for wait in (True, False):
+        pending: Deferred[None] = Deferred()
+
+        async def tick(pending: Deferred[None] = pending) -> None:
+            await pending
+
+        timer = SafeTimer("t", 5.0, tick, clock=clock, wait_on_stop=wait)
+        timer.startService()
+        stopping = timer.stopService()
+        if wait:
+            assert isinstance(stopping, Deferred) and not stopping.called
+            pending.callback(None)
+            assert stopping.called
+        else:
+            assert stopping is None
+            pending.callback(None)

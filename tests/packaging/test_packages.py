@@ -283,6 +283,11 @@ def test_the_deb_installs_upgrades_and_keeps_its_data(
         assert "kept /var/lib/pulumid" in output, output
         assert not Path("/etc/pulumid").exists()
         assert (STATE / "pulumid.db").is_file() and (STATE / "token").read_text() == token
+        # ... and when asked, the data goes too.
+        run("dpkg", "-i", str(built.deb[NEW]))
+        assert (STATE / "token").read_text() == token
+        output = run("dpkg", "--purge", "pulumid", env={**os.environ, "PULUMID_PURGE_DATA": "yes"})
+        assert "removed /var/lib/pulumid" in output and not STATE.exists(), output
     finally:
         service.stop()
         purge_everything()
