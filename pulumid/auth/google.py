@@ -139,15 +139,22 @@ class AccessTokens:
         status, body = await self._post(
             self._account.token_uri, {"grant_type": GRANT, "assertion": assertion}
         )
-        if status != 200 or not isinstance(body, dict) or "access_token" not in body:
+        self._token = granted(status, body, now)
+        if self._token is None:
             why = (
                 body.get("error_description") or body.get("error") if isinstance(body, dict) else ""
             )
             raise Unavailable(f"Service Unavailable: Google refused the service account: {why}")
-        lifetime = body.get("expires_in", 3600)
-        lifetime = float(lifetime) if isinstance(lifetime, int | float) else 3600.0
-        self._token = (str(body["access_token"]), now + lifetime)
         return self._token[0]
+
+
+def granted(status: int, body: Any, now: float) -> tuple[str, float] | None:
+    """The access token of a token endpoint's answer and when it expires; None if refused."""
+    if status != 200 or not isinstance(body, dict) or "access_token" not in body:
+        return None
+    lifetime = body.get("expires_in", 3600)
+    lifetime = float(lifetime) if isinstance(lifetime, int | float) else 3600.0
+    return str(body["access_token"]), now + lifetime
 
 
 def service_account_assertion(

@@ -75,8 +75,10 @@ class StackSecrets:
         for key in self.keyring.keys.values():
             await self.check_canary(key)
         site = await self._store.get_meta(SITE_KEY)
-        await self._adopt_legacy(site is None)
-        in_use = {k: n for k, n in (await self._store.count_stack_keys()).items() if n}
+        counts = await self._store.count_stack_keys()
+        if await self._adopt_legacy(site is None, counts.get("", 0)):
+            counts = await self._store.count_stack_keys()
+        in_use = {k: n for k, n in counts.items() if n}
         for key_id, count in sorted(in_use.items()):
             if key_id not in self.keyring.keys:
                 raise MasterKeyMismatch(
@@ -108,23 +110,24 @@ class StackSecrets:
         if opened != CANARY_PLAINTEXT:
             raise MasterKeyMismatch(f"the key {key.key_id} does not open its stored canary")
 
-    async def _adopt_legacy(self, no_site_key: bool) -> None:
+    async def _adopt_legacy(self, no_site_key: bool, unnamed: int) -> bool:
         """Data keys stored before key ids were wrapped by the master key of the time: find
-        it among the configured local keys by the old canary and record its id."""
+        it among the configured local keys by the old canary and record its id. True when
+        rows were adopted. UNNAMED: how many such rows there are."""
         legacy = await self._store.get_meta(LEGACY_CANARY)
         if legacy is None:
-            return
+            return False
         owner = next(
             (k for k in self.keyring.local_keys() if crypto.check_canary(k.master, legacy)), None
         )
-        unnamed = (await self._store.count_stack_keys()).get("", 0)
         if owner is None:
             if unnamed or no_site_key:
                 raise MasterKeyMismatch(
                     "the master key does not match the one this database was created with; "
                     "start pulumid with the original key (PULUMID_MASTER_KEY)"
                 )
-            return
+            return False
+        adopted = unnamed > 0
         after = 0
         while unnamed:
             rows = await self._store.stack_keys_not_wrapped_by(owner.key_id, after, 500)
@@ -135,6 +138,7 @@ class StackSecrets:
             ]
             unnamed -= await self._store.rewrap_stack_keys(named)
             after = rows[-1][0]
+        return adopted
 
     # -- the site key ---------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ one is incomplete and never listed. Everything here blocks: the daemon runs it o
 
 from __future__ import annotations
 
+import base64
 import calendar
 import contextlib
 import gzip
@@ -26,7 +27,6 @@ import sqlite3
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -123,23 +123,13 @@ class S3Target(Target):
     keys); credentials come from the AWS chain."""
 
     def __init__(self, url: str) -> None:
-        import boto3
-        from botocore.config import Config as BotoConfig
-
-        from pulumid.storage.blobs import parse_s3_url
+        from pulumid.storage.blobs import parse_s3_url, s3_client
 
         location = parse_s3_url(url)
         self.bucket = location.bucket
         self.prefix = location.prefix
         self.label = f"s3://{location.bucket}/{location.prefix}"
-        config = BotoConfig(
-            region_name=location.region,
-            retries={"max_attempts": 3, "mode": "standard"},
-            s3={"addressing_style": "path" if location.path_style else "auto"},
-        )
-        self._client = boto3.session.Session().client(
-            "s3", endpoint_url=location.endpoint, config=config
-        )
+        self._client = s3_client(location)
 
     def _call(self, what: str, f: Any, **args: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -405,8 +395,6 @@ def _text(value: Any) -> str:
 
 
 def _b64(value: Any) -> str:
-    import base64
-
     return base64.b64encode(value if isinstance(value, bytes) else str(value).encode()).decode()
 
 
@@ -526,11 +514,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def iter_destinations(specs: tuple[str, ...], keep: int, max_age: float) -> Iterator[Destination]:
-    for spec in specs:
-        yield parse_destination(spec, keep, max_age)
 
 
 # -- the daemon's service -------------------------------------------------------------------

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
-from pulumid.auth.google import GRANT, ServiceAccount, service_account_assertion
+from pulumid.auth.google import GRANT, ServiceAccount, granted, service_account_assertion
 from pulumid.errors import Unavailable
 from pulumid.secrets import crypto
 from pulumid.storage.records import WrappedKey
@@ -180,13 +180,11 @@ class GCPKMSKey(KeyProvider):
                 urlencode({"grant_type": GRANT, "assertion": assertion}).encode(),
                 {"Content-Type": "application/x-www-form-urlencoded"},
             )
-            if status != 200 or not isinstance(answer, dict) or "access_token" not in answer:
+            self._token = granted(status, answer, now)
+            if self._token is None:
                 raise KeyUnavailable(
                     f"Service Unavailable: Google refused the service account ({status})"
                 )
-            lifetime = answer.get("expires_in", 3600)
-            lifetime = float(lifetime) if isinstance(lifetime, int | float) else 3600.0
-            self._token = (str(answer["access_token"]), now + lifetime)
             return self._token[0]
 
 

@@ -139,6 +139,27 @@ def parse_s3_url(url: str) -> S3Location:
     return S3Location(bucket, prefix, endpoint, options.get("region"), _BOOLS[path_style])
 
 
+def s3_client(
+    location: S3Location,
+    *,
+    connect_timeout: float = 5.0,
+    read_timeout: float = 60.0,
+    max_attempts: int = 3,
+    max_connections: int = 10,
+) -> Any:
+    """A boto3 S3 client for LOCATION (credentials from boto3's default chain); no I/O."""
+    config = Config(
+        region_name=location.region,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        retries={"max_attempts": max_attempts, "mode": "standard"},
+        max_pool_connections=max_connections,
+        s3={"addressing_style": "path" if location.path_style else "auto"},
+    )
+    # A session per client: sessions (unlike clients) are not thread-safe.
+    return boto3.session.Session().client("s3", endpoint_url=location.endpoint, config=config)
+
+
 def _no_such_key(error: ClientError) -> bool:
     return error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404")
 
@@ -169,16 +190,13 @@ class S3Blobs(BlobStore):
         """A store for URL (see parse_s3_url); credentials come from boto3's default chain.
         Opening does no network I/O: a wrong endpoint shows on the first call."""
         location = parse_s3_url(url)
-        config = Config(
-            region_name=location.region,
+        client = s3_client(
+            location,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
-            retries={"max_attempts": max_attempts, "mode": "standard"},
-            max_pool_connections=max_connections,
-            s3={"addressing_style": "path" if location.path_style else "auto"},
+            max_attempts=max_attempts,
+            max_connections=max_connections,
         )
-        # A session per store: sessions (unlike clients) are not thread-safe.
-        client = boto3.session.Session().client("s3", endpoint_url=location.endpoint, config=config)
         return cls(client, location, runner)
 
     def _run(self, what: str, f: Callable[[], T]) -> Deferred[T]:
