@@ -84,17 +84,26 @@ def test_slow_clients_do_not_stop_an_update(
     attacker = threading.Thread(target=attack.run, daemon=True)
     attacker.start()
     try:
-        time.sleep(HEADER_TIMEOUT + 2)  # the first round has been dropped and replaced
+        # Wait until the whole first round has been dropped and replaced: how long that takes
+        # depends on the machine's load, not on a fixed sleep.
+        deadline = time.monotonic() + 60
+        while len(attack.lifetimes) < SLOW and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(attack.lifetimes) >= SLOW, (len(attack.lifetimes), attack.refused)
         threads_under_attack = _threads(daemon.proc.pid)
+        dropped_before = len(attack.lifetimes)
         cli.run("up", "--yes", "--skip-preview", cwd=work)
         cli.run("up", "--yes", "--skip-preview", "--refresh", cwd=work)
+        dropped_during = len(attack.lifetimes) - dropped_before
     finally:
         attack.stop.set()
         attacker.join(30)
-    assert len(attack.lifetimes) >= SLOW, (len(attack.lifetimes), attack.refused)
+    # The attack went on while the CLI ran: replacements were dropped in turn.
+    assert dropped_during > 0, (dropped_during, attack.refused)
     # Every slow connection was dropped within its header deadline (plus the attacker's 1 s
-    # polling and a margin), and none was refused: 50 per address is under the cap.
-    assert max(attack.lifetimes) < HEADER_TIMEOUT + 3, max(attack.lifetimes)
+    # polling, its pass over 500 sockets under load, and a margin), and none was refused:
+    # 50 per address is under the cap.
+    assert max(attack.lifetimes) < HEADER_TIMEOUT + 4, max(attack.lifetimes)
     assert attack.refused == 0
     # Connections hold no threads: the daemon's thread count is its pools', not 500.
     assert threads_under_attack < 40, threads_under_attack
