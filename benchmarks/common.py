@@ -10,6 +10,7 @@ PostgreSQL is the installed one (scripts/install-postgres.sh), run by the tests'
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import secrets
 import signal
@@ -19,7 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -46,17 +47,25 @@ __all__ = [
     "BenchmarkPostgres",
     "PostgresError",
     "Server",
+    "ServerUsage",
     "build_minio",
     "build_provider",
     "clean_environment",
     "cli_binary",
+    "cpu_seconds",
     "free_port",
     "http_ready",
     "minio_server",
     "new_token",
+    "peak_rss_kib",
     "port_ready",
     "postgres_server",
     "pulumid_server",
+    "reset_peak",
+    "resident_kib",
+    "rss_kib",
+    "server_pids",
+    "session_pids",
     "yaml_host_dir",
 ]
 
@@ -298,6 +307,118 @@ def pulumid_server(
         f"http://127.0.0.1:{port}/api/capabilities", {"Authorization": f"token {token}"}
     )
     return Server(name, command, workdir, ready, environment)
+
+
+# --------------------------------------------------------------------------------------------
+# What a server's processes use (from /proc: Linux only)
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat from field 3 (the state) on, or None if PID is gone. Field 2, the
+    command name, is in parentheses and may itself hold spaces and parentheses: split after
+    the last ')'."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rfind(")") + 1 :].split()
+
+
+def session_pids(sessions: Iterable[int]) -> list[int]:
+    """Every process whose session id (field 6 of /proc/PID/stat) is one of SESSIONS."""
+    wanted = set(sessions)
+    if not wanted:
+        return []
+    found: list[int] = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            fields = _stat_fields(int(name))
+            if fields is not None and int(fields[3]) in wanted:
+                found.append(int(name))
+    return found
+
+
+def server_pids(*servers: Server | None) -> list[int]:
+    """The processes of running SERVERS: each started a session of its own, so its pid is the
+    session id, shared by whatever it started (a shell's server, that server's children)."""
+    return session_pids(s.proc.pid for s in servers if s is not None and s.proc is not None)
+
+
+def rss_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of PID in KiB, from /proc/PID/status."""
+    values: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0])
+    return values.get("VmRSS", 0), values.get("VmHWM", 0)
+
+
+def reset_peak(pids: Iterable[int]) -> None:
+    """Reset each process's VmHWM to its current RSS (needs the same user or root)."""
+    for pid in pids:
+        # A process may have exited since it was found.
+        with contextlib.suppress(OSError):
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def resident_kib(pids: Iterable[int]) -> int:
+    """The sum of the processes' VmRSS (resident memory now), in KiB."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += rss_kib(pid)[0]
+    return total
+
+
+def peak_rss_kib(pids: Iterable[int]) -> int:
+    """The sum of the processes' VmHWM, in KiB (each one's peak, not the peak of the sum)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += rss_kib(pid)[1]
+    return total
+
+
+def _cpu_by_pid(pids: Iterable[int]) -> dict[int, float]:
+    """User + system seconds of each process (all its threads) that is still there."""
+    tick = os.sysconf("SC_CLK_TCK")
+    times: dict[int, float] = {}
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields is not None:
+            # utime and stime are fields 14 and 15.
+            times[pid] = (int(fields[11]) + int(fields[12])) / tick
+    return times
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User + system seconds the processes have used so far, all their threads."""
+    return sum(_cpu_by_pid(pids).values())
+
+
+class ServerUsage:
+    """The peak RSS and the CPU time of a server's processes between `start` and `stop`.
+    PIDS is asked again each time: processes may come and go in between."""
+
+    def __init__(self, pids: Callable[[], list[int]]) -> None:
+        self.pids = pids
+        self._cpu: dict[int, float] = {}
+
+    def start(self) -> None:
+        pids = self.pids()
+        reset_peak(pids)
+        self._cpu = _cpu_by_pid(pids)
+
+    def stop(self) -> tuple[float | None, float | None]:
+        """(peak RSS in MiB, CPU seconds), or (None, None) without processes to measure."""
+        pids = self.pids()
+        if not pids:
+            return None, None
+        # Per process, so one that exited in between does not make the difference negative.
+        now = _cpu_by_pid(pids)
+        cpu = sum(seconds - self._cpu.get(pid, 0.0) for pid, seconds in now.items())
+        return peak_rss_kib(pids) / 1024, max(cpu, 0.0)
 
 
 def minio_server(

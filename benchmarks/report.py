@@ -8,13 +8,13 @@ import json
 import shutil
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import REPO, BenchmarkError
 
-CSV_FIELDS = ("backend", "size", "operation", "repeat", "seconds")
+CSV_FIELDS = ("backend", "size", "operation", "repeat", "seconds", "peak_rss_mib", "cpu_seconds")
 REFERENCE = "pulumid"
 FLOOR = "floor"
 DOCS_PAGE = REPO / "docs" / "benchmarks.md"
@@ -30,6 +30,10 @@ class Measurement:
     operation: str
     repeat: int
     seconds: float
+    # The backend's server processes during the operation; None without a server of ours
+    # (file, s3, floor) and in CSVs from before these were measured.
+    peak_rss_mib: float | None = None
+    cpu_seconds: float | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -41,7 +45,26 @@ def write_csv(path: Path, measurements: Iterable[Measurement]) -> None:
         writer = csv.writer(sink)
         writer.writerow(CSV_FIELDS)
         for m in measurements:
-            writer.writerow([m.backend, m.size, m.operation, m.repeat, f"{m.seconds:.4f}"])
+            writer.writerow(
+                [
+                    m.backend,
+                    m.size,
+                    m.operation,
+                    m.repeat,
+                    f"{m.seconds:.4f}",
+                    _optional(m.peak_rss_mib, 1),
+                    _optional(m.cpu_seconds, 3),
+                ]
+            )
+
+
+def _optional(value: float | None, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _optional_float(text: str | None) -> float | None:
+    """An optional column: empty, or missing altogether in an older CSV, is None."""
+    return float(text) if text else None
 
 
 def read_csv(path: Path) -> list[Measurement]:
@@ -55,6 +78,8 @@ def read_csv(path: Path) -> list[Measurement]:
                 operation=row["operation"],
                 repeat=int(row["repeat"]),
                 seconds=float(row["seconds"]),
+                peak_rss_mib=_optional_float(row.get("peak_rss_mib")),
+                cpu_seconds=_optional_float(row.get("cpu_seconds")),
             )
             for row in csv.DictReader(source)
         ]
@@ -64,32 +89,70 @@ def read_csv(path: Path) -> list[Measurement]:
 # Medians
 
 
+Key = tuple[str, int, str]
+
+
 @dataclass(frozen=True)
 class Medians:
-    """Median seconds per (backend, size, operation), in the order things were first seen."""
+    """Median seconds per (backend, size, operation), in the order things were first seen,
+    and the medians of the server's peak RSS (MiB) and CPU seconds where measured."""
 
-    values: Mapping[tuple[str, int, str], float]
-    counts: Mapping[tuple[str, int, str], int]
+    values: Mapping[Key, float]
+    counts: Mapping[Key, int]
     backends: Sequence[str]
     sizes: Sequence[int]
     operations: Sequence[str]
+    peak_rss: Mapping[Key, float] = field(default_factory=dict)
+    cpu: Mapping[Key, float] = field(default_factory=dict)
 
     def get(self, backend: str, size: int, operation: str) -> float | None:
         return self.values.get((backend, size, operation))
 
     def total(self, backend: str, size: int) -> float | None:
         """Sum of a backend's medians over all operations, if it has every one of them."""
-        parts = [self.get(backend, size, op) for op in self.operations]
-        return None if any(p is None for p in parts) else sum(p for p in parts if p is not None)
+        return _sum(self._all(self.values, backend, size))
+
+    def peak_rss_mib(self, backend: str, size: int, operation: str) -> float | None:
+        """The median peak RSS; for "total", the highest over the operations."""
+        if operation == "total":
+            parts = self._all(self.peak_rss, backend, size)
+            return None if parts is None else max(parts, default=None)
+        return self.peak_rss.get((backend, size, operation))
+
+    def cpu_seconds(self, backend: str, size: int, operation: str) -> float | None:
+        """The median CPU seconds; for "total", the sum over the operations."""
+        if operation == "total":
+            return _sum(self._all(self.cpu, backend, size))
+        return self.cpu.get((backend, size, operation))
+
+    def _all(self, values: Mapping[Key, float], backend: str, size: int) -> list[float] | None:
+        """The values of every operation, or None if one is missing."""
+        parts = [values.get((backend, size, op)) for op in self.operations]
+        return None if any(p is None for p in parts) else [p for p in parts if p is not None]
+
+
+def _sum(parts: list[float] | None) -> float | None:
+    return None if parts is None else sum(parts)
+
+
+def _medians_of(samples: Mapping[Key, list[float]]) -> dict[Key, float]:
+    return {key: statistics.median(values) for key, values in samples.items() if values}
 
 
 def medians(measurements: Sequence[Measurement], backend_order: Sequence[str] = ()) -> Medians:
-    samples: dict[tuple[str, int, str], list[float]] = {}
+    samples: dict[Key, list[float]] = {}
+    peaks: dict[Key, list[float]] = {}
+    cpus: dict[Key, list[float]] = {}
     backends: list[str] = list(dict.fromkeys(backend_order))
     operations: list[str] = []
     sizes: list[int] = []
     for m in measurements:
-        samples.setdefault((m.backend, m.size, m.operation), []).append(m.seconds)
+        key = (m.backend, m.size, m.operation)
+        samples.setdefault(key, []).append(m.seconds)
+        if m.peak_rss_mib is not None:
+            peaks.setdefault(key, []).append(m.peak_rss_mib)
+        if m.cpu_seconds is not None:
+            cpus.setdefault(key, []).append(m.cpu_seconds)
         if m.backend not in backends:
             backends.append(m.backend)
         if m.operation not in operations:
@@ -98,11 +161,13 @@ def medians(measurements: Sequence[Measurement], backend_order: Sequence[str] = 
             sizes.append(m.size)
     present = {b for b, _, _ in samples}
     return Medians(
-        values={key: statistics.median(values) for key, values in samples.items()},
+        values=_medians_of(samples),
         counts={key: len(values) for key, values in samples.items()},
         backends=[b for b in _reference_first(backends) if b in present],
         sizes=sorted(sizes),
         operations=operations,
+        peak_rss=_medians_of(peaks),
+        cpu=_medians_of(cpus),
     )
 
 
@@ -122,6 +187,10 @@ def _seconds(value: float | None) -> str:
     return f"{value:.3f}" if value < 1 else f"{value:.2f}"
 
 
+def _mib(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
 def _ratio(value: float | None, reference: float | None) -> str:
     if value is None or reference is None or reference <= 0:
         return "—"
@@ -130,7 +199,8 @@ def _ratio(value: float | None, reference: float | None) -> str:
 
 def markdown_tables(result: Medians, heading_level: int = 3) -> str:
     """One table per size: every operation (and the total) for every backend, with the
-    median in seconds and its ratio to pulumid's and to the floor's median."""
+    median in seconds, its ratio to pulumid's and to the floor's median, and the median peak
+    RSS and CPU seconds of the backend's server during the operation."""
     hashes = "#" * heading_level
     out: list[str] = []
     for size in result.sizes:
@@ -140,10 +210,15 @@ def markdown_tables(result: Medians, heading_level: int = 3) -> str:
             "",
             f"Median wall-clock seconds of {repeats} run{'s' if repeats != 1 else ''}; "
             f"`vs {REFERENCE}` and `vs {FLOOR}` are the median divided by that backend's "
-            "median (below 1 is faster).",
+            "median (below 1 is faster). `Peak RSS` and `CPU` are the medians of the backend "
+            "server's highest resident memory and of the user + system CPU seconds it used "
+            "during the operation, summed over its processes (over all nodes for several); "
+            "for the total, the highest peak and the sum of CPU. — where the backend has no "
+            "server of ours (the CLI's own file and S3 backends and the floor).",
             "",
-            f"| Operation | Backend | Median (s) | vs {REFERENCE} | vs {FLOOR} |",
-            "|---|---|---:|---:|---:|",
+            f"| Operation | Backend | Median (s) | vs {REFERENCE} | vs {FLOOR} "
+            "| Peak RSS (MiB) | CPU (s) |",
+            "|---|---|---:|---:|---:|---:|---:|",
         ]
         for operation in [*result.operations, "total"]:
             for backend in result.backends:
@@ -156,9 +231,12 @@ def markdown_tables(result: Medians, heading_level: int = 3) -> str:
                     ref = result.get(REFERENCE, size, operation)
                     floor = result.get(FLOOR, size, operation)
                 label = f"**{operation}**" if operation == "total" else operation
+                peak = result.peak_rss_mib(backend, size, operation)
+                cpu = result.cpu_seconds(backend, size, operation)
                 out.append(
                     f"| {label} | {backend} | {_seconds(value)} | "
-                    f"{_ratio(value, ref)} | {_ratio(value, floor)} |"
+                    f"{_ratio(value, ref)} | {_ratio(value, floor)} | "
+                    f"{_mib(peak)} | {_seconds(cpu)} |"
                 )
         out.append("")
     return "\n".join(out)

@@ -30,17 +30,28 @@ Backends:
               the server on 127.0.0.1:{port}; the CLI logs in at http://127.0.0.1:{port}
               with PULUMI_ACCESS_TOKEN={token}
 
+Beside each wall-clock time, the backend's server is measured during the operation (from
+/proc, so Linux only): its peak resident memory (VmHWM, reset before each operation) in MiB
+and the CPU seconds (user + system, all threads) it used. Both are summed over every process
+in the server's session (a peer's shell and what it starts; every node of pulumid-3nodes,
+not HAProxy). file, s3 (MinIO is the CLI's backend, not a server of ours) and floor have
+none: their columns stay empty.
+
 Every backend run gets a fresh PULUMI_HOME, PULUMI_SKIP_UPDATE_CHECK=true,
 PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION=true and no AI-agent variables. Logging in and
-`stack init` are not timed. Output in --out: measurements.csv (every measurement),
-results.md (medians with ratios against pulumid and the floor), benchmarks.png, meta.json,
-and logs/ (every command's output).
+`stack init` are not timed. Each CLI command may take --timeout seconds; by default 1800 or
+60 + 0.2 per resource, whichever is more (sizes of 3,000 and 10,000 are opt-in: the CLI's
+file and s3 backends write the whole state at every step and may need a longer --timeout
+there). Output in --out: measurements.csv (every measurement: seconds, peak_rss_mib,
+cpu_seconds), results.md (medians with ratios against pulumid and the floor, peak RSS and
+CPU), benchmarks.png, meta.json, and logs/ (every command's output).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -56,7 +67,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import psycopg
 import pytest
@@ -70,6 +81,7 @@ from benchmarks.common import (
     BenchmarkPostgres,
     PostgresError,
     Server,
+    ServerUsage,
     build_minio,
     build_provider,
     chosen_names,
@@ -82,6 +94,7 @@ from benchmarks.common import (
     positive_ints,
     postgres_server,
     pulumid_server,
+    server_pids,
     yaml_host_dir,
 )
 from benchmarks.report import (
@@ -159,6 +172,11 @@ class Backend:
     def close(self) -> None:
         """Stop whatever `open` started (a no-op by default)."""
 
+    def server_pids(self) -> list[int]:
+        """The processes of the backend's own server(s), measured per operation (none by
+        default: the CLI's file and s3 backends have no server of ours)."""
+        return []
+
 
 class PulumidBackend(Backend):
     """A fresh pulumid per run: SQLite in the run's directory by default; with POSTGRES, a
@@ -206,6 +224,9 @@ class PulumidBackend(Backend):
             env=env,
         ).start()
         return Target(f"http://127.0.0.1:{port}", {"PULUMI_ACCESS_TOKEN": token, **self.cli_env})
+
+    def server_pids(self) -> list[int]:
+        return server_pids(self.server)
 
     def close(self) -> None:
         if self.server is not None:
@@ -260,6 +281,10 @@ class ClusterBackend(Backend):
         except pytest.fail.Exception as exc:  # the harness is pytest's; this is not
             raise BenchmarkError(str(exc)) from None
         return Target(self.proxy.url, {"PULUMI_ACCESS_TOKEN": token})
+
+    def server_pids(self) -> list[int]:
+        # The nodes, not HAProxy: what pulumid costs, summed over the deployment.
+        return server_pids(*self.servers)
 
     def close(self) -> None:
         if self.proxy is not None:
@@ -462,6 +487,9 @@ class PeerBackend(Backend):
         self.server = server.start(timeout=120)
         return Target(f"http://127.0.0.1:{port}", {"PULUMI_ACCESS_TOKEN": token})
 
+    def server_pids(self) -> list[int]:
+        return server_pids(self.server)
+
     def close(self) -> None:
         if self.server is not None:
             self.server.stop()
@@ -498,22 +526,36 @@ def run_cli(
 ) -> float:
     """Run `pulumi ARGS` with its output appended to LOG; return its wall-clock seconds.
     A non-zero exit is a BenchmarkError with the end of the output."""
-    command = [str(tools.cli), *args]
-    with log.open("ab") as sink:
+    return run_pulumi(tools.cli, args, cwd=cwd, env=env, log=log, timeout=tools.timeout)
+
+
+def run_pulumi(
+    cli: Path,
+    args: Sequence[str],
+    *,
+    cwd: Path,
+    env: Mapping[str, str],
+    log: Path,
+    timeout: float,
+    stdout: Path | None = None,
+) -> float:
+    """`run_cli` with the CLI binary and timeout given; with STDOUT, the command's standard
+    output goes to that file (for output to parse) and only its errors to LOG."""
+    with log.open("ab") as sink, _output(stdout, sink) as out:
         sink.write(f"$ pulumi {shlex.join(args)}\n".encode())
         sink.flush()
         start = time.perf_counter()
         proc = subprocess.Popen(
-            command,
+            [str(cli), *args],
             cwd=cwd,
             env=dict(env),
             stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
+            stdout=out,
+            stderr=sink,
             start_new_session=True,
         )
         try:
-            proc.wait(tools.timeout)
+            proc.wait(timeout)
         except BaseException as exc:
             # Timed out or interrupted: stop the CLI with its language host and providers.
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -521,8 +563,7 @@ def run_cli(
             proc.wait()
             if isinstance(exc, subprocess.TimeoutExpired):
                 raise BenchmarkError(
-                    f"pulumi {shlex.join(args)} timed out after {tools.timeout:.0f}s "
-                    f"(output in {log})"
+                    f"pulumi {shlex.join(args)} timed out after {timeout:.0f}s (output in {log})"
                 ) from exc
             raise
         seconds = time.perf_counter() - start
@@ -533,6 +574,11 @@ def run_cli(
             f"pulumi {shlex.join(args)} exited {proc.returncode} (log {log}):\n{tail}"
         )
     return seconds
+
+
+def _output(path: Path | None, log: IO[bytes]) -> contextlib.AbstractContextManager[IO[bytes]]:
+    """PATH opened for writing, or LOG itself (left open) without one."""
+    return path.open("wb") if path is not None else contextlib.nullcontext(log)
 
 
 def write_program(tools: Tools, directory: Path, items: int) -> None:
@@ -576,16 +622,19 @@ def run_workload(
         pulumi("stack", "init", STACK)
         up = ("up", "--yes", "--skip-preview", "--stack", STACK)
         export = workdir / "export.json"
+        usage = ServerUsage(backend.server_pids)
         for operation in OPERATIONS:
             if operation == "add-2":
                 write_program(tools, project, size + ADDED)
+            usage.start()
             if operation == "export":
                 seconds = pulumi("stack", "export", "--stack", STACK, "--file", str(export))
             elif operation == "destroy":
                 seconds = pulumi("destroy", "--yes", "--skip-preview", "--stack", STACK)
             else:
                 seconds = pulumi(*up)
-            report(Measurement(backend.name, size, operation, repeat, seconds))
+            peak, cpu = usage.stop()
+            report(Measurement(backend.name, size, operation, repeat, seconds, peak, cpu))
             if operation == "export":
                 _check_export(export, size + ADDED)
     finally:
@@ -659,7 +708,12 @@ def parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="the source tree whose pulumid package runs (default: this checkout)",
     )
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per CLI command (1800)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds per CLI command (default: 1800, or 60 + 0.2 per resource if more)",
+    )
     p.add_argument(
         "--keep", action="store_true", help="keep each run's state and PULUMI_HOME in OUT/work"
     )
@@ -795,6 +849,14 @@ def _make_backends(
     return made
 
 
+def cli_timeout(given: float | None, size: int) -> float:
+    """--timeout if given; else 1800 s, or more for large sizes (a create of 600 resources
+    takes about 10 s against pulumid, but the CLI's own backends grow with the square)."""
+    if given is not None:
+        return given
+    return max(1800.0, 60.0 + 0.2 * (size + ADDED))
+
+
 def run(args: argparse.Namespace) -> int:
     out: Path = args.out.resolve()
     if args.report_only:
@@ -812,7 +874,7 @@ def run(args: argparse.Namespace) -> int:
         cli_version=args.cli_version,
         yaml_host_dir=yaml_host_dir(),
         provider_dir=build_provider(),
-        timeout=args.timeout,
+        timeout=0.0,  # set per size below (cli_timeout)
     )
     out.mkdir(parents=True, exist_ok=True)
     work, logs = out / "work", out / "logs"
@@ -830,8 +892,12 @@ def run(args: argparse.Namespace) -> int:
 
     def record(m: Measurement) -> None:
         measurements.append(m)
+        server = ""
+        if m.peak_rss_mib is not None and m.cpu_seconds is not None:
+            server = f"  server {m.peak_rss_mib:7.1f} MiB peak, {m.cpu_seconds:7.3f}s CPU"
         print(
-            f"{m.backend:>14}  N={m.size:<5} repeat {m.repeat}  {m.operation:<8} {m.seconds:9.3f}s",
+            f"{m.backend:>14}  N={m.size:<5} repeat {m.repeat}  {m.operation:<8} "
+            f"{m.seconds:9.3f}s{server}",
             flush=True,
         )
 
@@ -850,6 +916,7 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
         for size in args.sizes:
+            sized = dataclasses.replace(tools, timeout=cli_timeout(args.timeout, size))
             for repeat in range(1, args.repeats + 1):
                 # Rotate the order per repeat so no backend always runs first or last.
                 shift = (repeat - 1) % len(backends)
@@ -857,7 +924,7 @@ def run(args: argparse.Namespace) -> int:
                     run_dir = work / f"{backend.name}-{size}-{repeat}"
                     try:
                         run_workload(
-                            tools,
+                            sized,
                             backend,
                             size,
                             repeat,

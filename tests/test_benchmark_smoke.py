@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.report import write_docs
+from benchmarks.report import CSV_FIELDS, write_docs
 from benchmarks.run import BUILTIN_BACKENDS, OPERATIONS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,9 +73,24 @@ def test_harness_runs_every_backend_and_writes_reports(tmp_path: Path) -> None:
     assert expected <= seen, f"missing measurements: {sorted(expected - seen)}"
     assert {row["size"] for row in rows} == {"2"}
     assert all(float(row["seconds"]) > 0 for row in rows)
+    # The server's peak RSS and CPU per operation: measured for our servers (one node or
+    # three), empty for the CLI's own backends.
+    assert list(rows[0]) == [*CSV_FIELDS]
+    for row in rows:
+        if row["backend"].startswith("pulumid"):
+            assert float(row["peak_rss_mib"]) > 0, row
+            assert float(row["cpu_seconds"]) >= 0, row
+        else:
+            assert row["peak_rss_mib"] == row["cpu_seconds"] == "", row
+    three = [float(r["peak_rss_mib"]) for r in rows if r["backend"] == "pulumid-3nodes"]
+    one = [float(r["peak_rss_mib"]) for r in rows if r["backend"] == "pulumid-pg-s3"]
+    assert min(three) > max(one), "the three nodes are summed"
 
     table = (out / "results.md").read_text()
-    assert "| Operation | Backend | Median (s) | vs pulumid | vs floor |" in table
+    assert (
+        "| Operation | Backend | Median (s) | vs pulumid | vs floor | Peak RSS (MiB) | CPU (s) |"
+        in table
+    )
     for backend in BUILTIN_BACKENDS:
         assert f"| create | {backend} |" in table
     assert (out / "benchmarks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -112,7 +127,30 @@ def test_harness_runs_every_backend_and_writes_reports(tmp_path: Path) -> None:
     write_docs(out, page=page, chart=chart)
     text = page.read_text()
     assert "| create | pulumid |" in text
+    assert "Peak RSS (MiB)" in text
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_many_stacks_benchmark_lists_every_stack(tmp_path: Path) -> None:
+    out = tmp_path / "stacks"
+    # More stacks than one page of GET /api/user/stacks (100), so the CLI pages.
+    proc = _run(
+        ["benchmarks.stacks", "--stacks", "250", "--repeats", "2", "--out", str(out)],
+        timeout=600,
+    )
+    with (out / "measurements.csv").open(newline="") as source:
+        rows = list(csv.DictReader(source))
+    assert [(r["backend"], r["stacks"], r["repeat"]) for r in rows] == [
+        ("pulumid", "250", "1"),
+        ("pulumid", "250", "2"),
+    ]
+    for row in rows:
+        assert float(row["seconds"]) > 0
+        assert float(row["peak_rss_mib"]) > 0
+        assert float(row["cpu_seconds"]) >= 0
+    # Each run's output was checked: every stack created listed once.
+    assert proc.stdout.count("check: 250 stacks listed, each once") == 2, proc.stdout
+    assert "| pulumid | 250 | 2 |" in (out / "results.md").read_text()
 
 
 def test_micro_benchmarks_run(tmp_path: Path) -> None:
