@@ -110,7 +110,8 @@ class Config:
     lease_ttl: float = 300.0
     state_versions: int = 100
     max_body_size: int = 256 * MIB
-    page_size: int = 100
+    # Large pages: `stack ls --all` over thousands of stacks costs a round trip per page.
+    page_size: int = 1000
     sync_commits: bool = True
     journaling: bool = True
     delta_checkpoints: bool = True
@@ -356,7 +357,7 @@ _PARAMETERS: list[tuple[str, Any, Callable[[str], Any] | None, str]] = [
         "Which lines reach the main log (twistd's --logfile, or stdout with -n)",
     ),
     ("access-log", "", None, "Also write access lines to stdout, stderr or a file"),
-    ("page-size", 100, _positive_int, "Stacks per page of stack listings"),
+    ("page-size", 1000, _positive_int, "Stacks per page of stack listings"),
     (
         "delta-cutoff",
         MIB,

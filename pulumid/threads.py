@@ -6,6 +6,7 @@ payloads) to a small pool sized to the cores. The reactor's default pool is left
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
@@ -73,3 +74,26 @@ class InlineRunner(Runner):
 
 def cpu_pool_size() -> int:
     return max(2, os.cpu_count() or 2)
+
+
+def _malloc_trim() -> Callable[[], object] | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None  # not glibc: nothing to ask
+    return lambda: trim(0)
+
+
+_TRIM = _malloc_trim()
+
+
+def release_memory_blocking() -> None:
+    """Give freed heap back to the system (glibc keeps it otherwise).
+
+    A large state is parsed into many objects of a few KB, allocated from the C heap; once
+    they are freed the heap is mostly holes that glibc does not return by itself, so a daemon
+    that served one big update would keep its peak for good. Blocking (it walks the heap).
+    """
+    if _TRIM is not None:
+        _TRIM()

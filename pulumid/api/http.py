@@ -8,6 +8,7 @@ from io import BytesIO
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+import orjson
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -177,7 +178,10 @@ async def read_object(request: IRequest, cpu: Runner, limit: int) -> dict[str, A
 def json_response(request: IRequest, value: Any, status: int = 200) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
-    return json.dumps(value, separators=(",", ":")).encode()
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # an integer past 64 bits, say: the slower encoder takes anything
+        return json.dumps(value, separators=(",", ":")).encode()
 
 
 def raw_json_response(request: IRequest, body: bytes, status: int = 200) -> bytes:

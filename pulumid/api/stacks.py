@@ -31,7 +31,7 @@ class StackRoutes(Routes):
             readable=access.policy.organizations_of(caller) if self.auth.multi_user else None,
         )
         # Stack rules may hide single stacks of a readable organization.
-        visible = [s for s in stacks if access.may_read_stack(caller, s.org, s.project, s.name)]
+        visible = access.readable(caller, stacks)
         # No continuationToken at the last page (the CLI reads absent as null; Pulumi Cloud's
         # schema has it a string when present).
         page: dict[str, Any] = {"stacks": [self._summary(s) for s in visible]}

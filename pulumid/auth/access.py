@@ -6,13 +6,14 @@ only code that compares that need with the caller's role. Refusals are audited h
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from pulumid.auth.principal import Principal
 from pulumid.auth.rbac import Policy
 from pulumid.auth.roles import Role
 from pulumid.errors import Forbidden, Unauthorized
+from pulumid.storage.records import StackRecord
 
 
 @dataclass(frozen=True)
@@ -94,3 +95,22 @@ class Access:
 
     def may_read_stack(self, principal: Principal, org: str, project: str, name: str) -> bool:
         return self.policy.stack_role(principal, org, project, name) >= Role.READ
+
+    def readable(self, principal: Principal, stacks: Iterable[StackRecord]) -> list[StackRecord]:
+        """The stacks PRINCIPAL may read. An organization without stack rules (or where the
+        principal is an admin) is decided once, not per stack: a listing has thousands."""
+        policy = self.policy
+        # Per organization: True or False for all its stacks, None to ask per stack.
+        whole: dict[str, bool | None] = {}
+        kept = []
+        for stack in stacks:
+            org = stack.org
+            if org not in whole:
+                rules = policy.has_stack_rules(principal, org)
+                whole[org] = None if rules else policy.org_role(principal, org) >= Role.READ
+            verdict = whole[org]
+            if verdict is None:
+                verdict = self.may_read_stack(principal, org, stack.project, stack.name)
+            if verdict:
+                kept.append(stack)
+        return kept

@@ -122,6 +122,13 @@ class Policy:
                 return role if matched is None else matched
         return role
 
+    def has_stack_rules(self, principal: Principal, org: str) -> bool:
+        """Whether a stack's role in ORG can differ from the principal's role on ORG."""
+        if principal.kind == "exchange" or self.org_role(principal, org) == Role.ADMIN:
+            return False
+        entry = self.organizations.get(org)
+        return bool(entry and entry.stacks)
+
     def organizations_of(self, principal: Principal) -> list[str]:
         """Organizations where the principal may read something, in file order."""
         if principal.kind == "exchange":

@@ -279,6 +279,33 @@ def state_from_text_blocking(text: bytes, *, compress: bool = True) -> StateBlob
     return StateBlob(gzip_blocking(text) if compress else b"", count)
 
 
+# Resources serialised and compressed together when a state is streamed out.
+STREAM_CHUNK = 256
+
+
 def state_from_document_blocking(document: dict[str, Any]) -> StateBlob:
-    text = orjson.dumps(document)
-    return StateBlob(gzip_blocking(text), count_resources(document.get("deployment")))
+    """Serialise and compress a state we built, a chunk of resources at a time.
+
+    The whole text is never held: a large stack's state is as big as its parsed resources,
+    and holding both at once is what an update's peak memory would be made of. The
+    resources come last in `deployment`, which JSON readers do not care about.
+    """
+    deployment = document.get("deployment")
+    resources = deployment.get("resources") if isinstance(deployment, dict) else None
+    if not isinstance(deployment, dict) or not isinstance(resources, list) or not resources:
+        text = orjson.dumps(document)
+        return StateBlob(gzip_blocking(text), count_resources(deployment))
+    rest = {key: value for key, value in deployment.items() if key != "resources"}
+    head = orjson.dumps({**document, "deployment": rest})
+    # `deployment` is the document's last key and `rest` has at least the manifest.
+    if list(document)[-1] != "deployment" or not rest or head[-2:] != b"}}":
+        raise ValueError("a state to stream must end with a non-empty deployment")
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 31)
+    parts = [compressor.compress(head[:-2] + b',"resources":[')]
+    for start in range(0, len(resources), STREAM_CHUNK):
+        chunk = resources[start : start + STREAM_CHUNK]
+        text = b",".join(orjson.dumps(res) for res in chunk)
+        parts.append(compressor.compress(text if start == 0 else b"," + text))
+    parts.append(compressor.compress(b"]}}"))
+    parts.append(compressor.flush())
+    return StateBlob(b"".join(parts), len(resources))

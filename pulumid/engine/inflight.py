@@ -28,7 +28,7 @@ from pulumid.engine.journal import JournalError, JournalReplayer
 from pulumid.errors import BadRequest, Stale
 from pulumid.storage.interface import Store
 from pulumid.storage.records import StateBlob, UpdateRecord
-from pulumid.threads import Runner
+from pulumid.threads import Runner, release_memory_blocking
 
 V = TypeVar("V")
 
@@ -36,6 +36,9 @@ V = TypeVar("V")
 # replay state takes a few times its text; a miss costs a rebuild from the store.
 DEFAULT_BUDGET = 512 * 1024 * 1024
 
+
+# An update that held this much (bytes of JSON text) hands the freed heap back as it ends.
+RELEASE_AFTER = 16 * 1024 * 1024
 
 # Deltas are compacted into a whole state once they add up to more than the state, or this.
 COMPACT_AFTER = 1024 * 1024
@@ -321,7 +324,15 @@ class InFlight:
     async def finish(self, update: UpdateRecord) -> StateBlob | None:
         """Materialise the final state of an update that is ending; then forget it."""
         async with self._locked(update.id):
+            held = self._held(update.id)
             try:
                 return await self._current_state(update)
             finally:
                 self.forget(update.id)
+                if held >= RELEASE_AFTER:
+                    await self._cpu.run(release_memory_blocking)
+
+    def _held(self, update_id: str) -> int:
+        replayer = self.journals.get(update_id)
+        baseline = self.baselines.get(update_id)
+        return (replayer.text_bytes if replayer else 0) + (len(baseline.text) if baseline else 0)

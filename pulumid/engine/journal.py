@@ -354,6 +354,19 @@ def _with_flag(res: dict[str, Any], key: str) -> dict[str, Any]:
     return res if res.get(key) is True else {**res, key: True}
 
 
+def _shared(st: _State, index: int | None, state: dict[str, Any]) -> dict[str, Any]:
+    """The base's resource at `index` when `state` equals it, else `state`.
+
+    A step that changes nothing (most of a large stack's update) sends the resource again;
+    keeping the base's copy instead lets the entry's be freed, so an update holds about one
+    copy of its stack, not two.
+    """
+    if index is None:
+        return state
+    base = st.base_resources()[index]
+    return base if base == state else state
+
+
 def _apply(st: _State, e: _Entry, log: _Log) -> None:
     kind = e.kind
     base_len = len(st.base_resources())
@@ -384,7 +397,7 @@ def _apply(st: _State, e: _Entry, log: _Log) -> None:
         log.pop(st.open, e.op)
         if e.state is not None:
             log.put(st.pos, e.op, len(st.new))
-            log.append(st.new, e.state)
+            log.append(st.new, _shared(st, e.remove_old, e.state))
         if e.remove_old is not None:
             log.add(st.drop_base, e.remove_old)
         if e.remove_new is not None:
@@ -412,7 +425,7 @@ def _apply(st: _State, e: _Entry, log: _Log) -> None:
             if e.state is None:
                 log.add(st.drop_base, e.remove_old)
             else:
-                log.put(st.replace_base, e.remove_old, e.state)
+                log.put(st.replace_base, e.remove_old, _shared(st, e.remove_old, e.state))
         if e.remove_new is not None:
             if e.state is None:
                 log.add(st.drop_new, e.remove_new)

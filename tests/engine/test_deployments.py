@@ -12,12 +12,14 @@ from hypothesis import strategies as st
 
 from pulumid.engine.deployments import (
     EMPTY_DEPLOYMENT,
+    STREAM_CHUNK,
     checkpoint_state_blocking,
     gunzip_blocking,
     gzip_blocking,
     load_json_blocking,
     parse_state_blocking,
     raw_members,
+    state_from_document_blocking,
     untyped_state_blocking,
     untyped_state_from_value_blocking,
     verbatim_text_blocking,
@@ -248,3 +250,25 @@ def test_load_json() -> None:
     for bad in (b"{", b"\xff", b"nope"):
         with pytest.raises(BadRequest):
             load_json_blocking(bad)
+
+
+# -- states we build, streamed out ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [0, 1, STREAM_CHUNK, STREAM_CHUNK + 1, 3 * STREAM_CHUNK - 7])
+def test_a_built_state_streams_to_the_same_document(count: int) -> None:
+    resources = [
+        {"urn": f"urn:pulumi:dev::demo::a:b:C::r{i}", "type": "a:b:C", "outputs": {"n": i}}
+        for i in range(count)
+    ]
+    deployment: dict[str, object] = {
+        "manifest": {"time": "2024-05-01T10:00:00Z", "magic": "", "version": "3.0.0"},
+        "secrets_providers": {"type": "service", "state": {}},
+        "resources": resources,
+        "pending_operations": [{"resource": {"urn": "u", "type": "t"}, "type": "creating"}],
+        "metadata": {},
+    }
+    document = {"version": 4, "features": ["byteString"], "deployment": deployment}
+    state = state_from_document_blocking(document)
+    assert state.resource_count == count
+    assert json.loads(unzip(state.gzipped)) == document

@@ -165,6 +165,25 @@ def test_same_and_update_move_resources_to_the_front() -> None:
     assert resources(result) == [stack(), pet("c", inputs={"x": 2}), pet("a"), pet("b")]
 
 
+def test_unchanged_resources_share_the_base_copy() -> None:
+    # A step that changes nothing sends the resource again: the update keeps the base's
+    # copy (one copy of a large stack in memory, not two); a changed one keeps its own.
+    base = deployment(stack(), pet("a", outputs={"p": "x" * 1000}), pet("b"))
+    entries = [
+        begin(1, 1),
+        entry(2, KIND_SUCCESS, 1, remove_old=1, state=pet("a", outputs={"p": "x" * 1000})),
+        begin(3, 2),
+        entry(4, KIND_SUCCESS, 2, remove_old=2, state=pet("b", inputs={"x": 1})),
+        begin(5, 3),
+        entry(6, KIND_REFRESH_SUCCESS, 3, remove_old=0, state=stack(), isRefresh=True),
+    ]
+    result = resources(replay(base, entries))
+    assert result == [pet("a", outputs={"p": "x" * 1000}), pet("b", inputs={"x": 1}), stack()]
+    assert result[0] is base["resources"][1]
+    assert result[1] is not base["resources"][2]
+    assert result[2] is base["resources"][0]
+
+
 def test_delete_removes_without_state() -> None:
     base = deployment(stack(), pet("a"), pet("b"))
     entries = [begin(1, 1, "deleting", pet("a")), entry(2, KIND_SUCCESS, 1, remove_old=1)]
