@@ -55,7 +55,7 @@ from pulumid.storage.interface import Store
 from pulumid.storage.split import BlobbedStore
 from pulumid.storage.sql import SQLStore
 from pulumid.storage.sqlite import SchemaTooNew, SQLiteStore, StorageUnusable
-from pulumid.threads import InlineRunner, PoolRunner, Runner, cpu_pool_size
+from pulumid.threads import InlineRunner, PoolRunner, Runner, cpu_pool_size, tune_allocator
 
 __all__ = ["Options", "makeService"]
 
@@ -484,6 +484,7 @@ def _listener(
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
+    tune_allocator()
     config: Config = options.config
     top, backend = make_backend(config, reactor)
     site = make_site(backend)

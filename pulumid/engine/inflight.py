@@ -297,12 +297,20 @@ class InFlight:
     async def current_state(self, update: UpdateRecord) -> StateBlob | None:
         """The update's state now, when the stored version N is behind it; else None."""
         async with self._locked(update.id):
-            return await self._current_state(update)
+            return await self._current_state(update, reading=True)
 
-    async def _current_state(self, update: UpdateRecord) -> StateBlob | None:
+    async def _current_state(self, update: UpdateRecord, reading: bool = False) -> StateBlob | None:
         if update.dry_run:
             return None
         if update.journal_version:
+            if (
+                reading
+                and update.id not in self.journals
+                and await self._store.journal_length(update.id) == 0
+            ):
+                # Nothing journaled yet (the CLI reads its base as an update starts): version
+                # N is the state, sent as stored instead of parsed and built again.
+                return None
             replayer = await self._checked_replayer(update)
             return await self._cpu.run(
                 self._generate_blocking, replayer, self._clock.seconds(), update.engine_version

@@ -173,6 +173,36 @@ def test_journal_replayed_for_export_and_after_a_restart(env: Env) -> None:
     assert done(env.store.get_journal(update.id)) == []
 
 
+def test_an_update_with_nothing_journaled_exports_version_n_as_stored(env: Env) -> None:
+    # The CLI reads its base as an update starts: that is version N, byte for byte, and no
+    # replay state is built for it.
+    ref, update, token = _journaling(env)
+    ok(env.backend.journal_entries(ref, update.id, token, journal_batch(), journal_batch()))
+    ok(env.backend.complete(ref, update.id, token, "succeeded"))
+    stored = ok(env.backend.export(ref, 1))
+    second = ok(env.backend.create_update(ref, "update", {"options": {}}))
+    started = ok(env.backend.start_update(ref, second, {"journalVersion": 1}, "v3.259.0"))
+    assert ok(env.backend.export(ref, None)) == stored
+    assert started.id not in env.backend.inflight.journals
+    # Once something is journaled, the export is the replay's.
+    creating = {
+        "resource": {"urn": PET, "custom": True, "type": "random:index/randomPet:RandomPet"},
+        "type": "creating",
+    }
+    batch = json.dumps(
+        {
+            "entries": [
+                {"version": 1, "kind": 0, "sequenceID": 1, "operationID": 1, "operation": creating}
+            ]
+        }
+    ).encode()
+    ok(env.backend.journal_entries(ref, second, started.token, batch, batch))
+    assert started.id in env.backend.inflight.journals
+    live = exported(env, ref)
+    # The open create comes first; the first update's interrupted create stays after it.
+    assert urns(live) == [STACK] and live["deployment"]["pending_operations"] == [creating] * 2
+
+
 def test_a_bad_journal_entry_is_a_400_and_loses_nothing(env: Env) -> None:
     ref, update, token = _journaling(env)
     body = journal_batch()
