@@ -37,6 +37,9 @@ V = TypeVar("V")
 DEFAULT_BUDGET = 512 * 1024 * 1024
 
 
+# Journal batches up to this many bytes of JSON are parsed and applied on the reactor.
+INLINE_JOURNAL = 64 * 1024
+
 # An update that held this much (bytes of JSON text) hands the freed heap back as it ends.
 RELEASE_AFTER = 16 * 1024 * 1024
 
@@ -155,6 +158,8 @@ class InFlight:
         replayer = self.journals.get(update.id)
         if replayer is None:
             return await self._replayer(update)
+        if self._store.exclusive:
+            return replayer  # no other node appends: the cached one is current
         length = await self._store.journal_length(update.id)
         if length < replayer.batches:
             return await self._replayer(update, fresh=True)  # cannot happen; be safe
@@ -183,8 +188,9 @@ class InFlight:
         return replayer
 
     @staticmethod
-    def _apply_blocking(replayer: JournalReplayer, entries: list[dict[str, Any]]) -> None:
-        replayer.add(entries, check=True)
+    def _apply_blocking(replayer: JournalReplayer, body: bytes) -> None:
+        # Parsed and applied in one trip to the pool: each trip costs as much as a small batch.
+        replayer.add(deployments.journal_entries_blocking(body), check=True)
 
     async def add_journal(
         self, update: UpdateRecord, token_hash: str, wire: bytes, body: bytes
@@ -197,12 +203,17 @@ class InFlight:
         appended in between, the replayer is rebuilt and the batch applied again (once), so
         no node ever extends a journal it has not seen.
         """
-        entries = await self._cpu.run(deployments.journal_entries_blocking, body)
+        # A small batch costs less to parse and apply than a trip to the pool and back; one
+        # that brings aliases is checked against the whole state, so it goes to the pool.
+        inline = len(body) < INLINE_JOURNAL and b'"aliases"' not in body
         async with self._locked(update.id):
             for last_try in (False, True):
                 replayer = await self._checked_replayer(update)
                 try:
-                    await self._cpu.run(self._apply_blocking, replayer, entries)
+                    if inline:
+                        self._apply_blocking(replayer, body)
+                    else:
+                        await self._cpu.run(self._apply_blocking, replayer, body)
                 except JournalError as e:
                     if not last_try and await self._lags(replayer, update):
                         self.journals.pop(update.id)  # half-applied: rebuild and retry
@@ -303,13 +314,9 @@ class InFlight:
         if update.dry_run:
             return None
         if update.journal_version:
-            if (
-                reading
-                and update.id not in self.journals
-                and await self._store.journal_length(update.id) == 0
-            ):
-                # Nothing journaled yet (the CLI reads its base as an update starts): version
-                # N is the state, sent as stored instead of parsed and built again.
+            if reading and await self._nothing_journaled(update):
+                # The CLI reads its base as an update starts: version N is the state, sent as
+                # stored instead of parsed and built again.
                 return None
             replayer = await self._checked_replayer(update)
             return await self._cpu.run(
@@ -323,6 +330,12 @@ class InFlight:
         if baseline.delta_bytes == 0:
             return None  # the last save was stored whole, as version N
         return await self._cpu.run(deployments.state_from_text_blocking, baseline.text)
+
+    async def _nothing_journaled(self, update: UpdateRecord) -> bool:
+        cached = self.journals.get(update.id)
+        if cached is not None and self._store.exclusive:
+            return cached.batches == 0
+        return await self._store.journal_length(update.id) == 0
 
     @staticmethod
     def _generate_blocking(replayer: JournalReplayer, now: float, engine_version: str) -> StateBlob:

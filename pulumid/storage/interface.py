@@ -29,6 +29,10 @@ from pulumid.storage.records import (
 
 
 class Store(Protocol):
+    # Only this process writes it (an embedded database): what a node caches of it cannot
+    # lag behind another node's writes.
+    exclusive: bool
+
     # meta
     def get_meta(self, key: str) -> Deferred[bytes | None]: ...
     def set_meta_if_absent(self, key: str, value: bytes) -> Deferred[bytes]: ...

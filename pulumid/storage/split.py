@@ -75,6 +75,7 @@ class BlobbedStore:
         self.meta = meta
         self.blobs = blobs
         self._clock = clock
+        self.exclusive = meta.exclusive  # the rows (and so the journal) live in META
 
     def close(self) -> None:
         self.blobs.close()

@@ -102,6 +102,7 @@ class SQLStore:
     unique_violation: ClassVar[type[Exception]]
     # Tags are read for at most this many stacks per statement.
     in_batch: ClassVar[int]
+    exclusive = False
 
     def __init__(self, runner: Runner, faults: Faults | None) -> None:
         self._runner = runner

@@ -169,6 +169,7 @@ class SQLiteStore(SQLStore):
     expected_schema = SCHEMA_VERSION
     unique_violation = sqlite3.IntegrityError
     in_batch = 500  # one placeholder per id: well below SQLite's limit on parameters
+    exclusive = True  # one daemon per database file
 
     def __init__(
         self,
