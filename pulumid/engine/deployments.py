@@ -67,12 +67,18 @@ def load_json_blocking(body: bytes) -> Any:
 
 
 def _check_depth(value: Any) -> None:
-    try:
-        orjson.dumps([[[[value]]]])  # four levels of margin
-    except TypeError:
-        raise BadRequest(
-            f"Bad Request: the request body is nested more than {MAX_DEPTH} levels deep"
-        ) from None
+    """Walk the containers only, without recursion and without a copy: a large state is
+    mostly strings, and serialising it again to learn its depth would hold it twice."""
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > MAX_DEPTH:
+            raise BadRequest(
+                f"Bad Request: the request body is nested more than {MAX_DEPTH} levels deep"
+            )
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, dict | list):
+                pending.append((child, depth + 1))
 
 
 def sequence_number(value: Any, name: str = "sequenceNumber") -> int:

@@ -6,12 +6,14 @@ import gzip
 import json
 import os
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from pulumid.engine.deployments import (
     EMPTY_DEPLOYMENT,
+    MAX_DEPTH,
     STREAM_CHUNK,
     checkpoint_state_blocking,
     gunzip_blocking,
@@ -272,3 +274,15 @@ def test_a_built_state_streams_to_the_same_document(count: int) -> None:
     state = state_from_document_blocking(document)
     assert state.resource_count == count
     assert json.loads(unzip(state.gzipped)) == document
+
+
+@pytest.mark.parametrize("container", ["[", '{"a":'])
+def test_nesting_is_refused_past_max_depth_and_what_is_kept_serialises(container: str) -> None:
+    close = "]" if container == "[" else "}"
+    at_limit = (container * MAX_DEPTH + "1" + close * MAX_DEPTH).encode()
+    value = load_json_blocking(at_limit)
+    # What we build around a kept body (a state around a resource) still serialises.
+    assert orjson.loads(orjson.dumps([[[[value]]]])) == [[[[value]]]]
+    over = (container * (MAX_DEPTH + 1) + "1" + close * (MAX_DEPTH + 1)).encode()
+    with pytest.raises(BadRequest, match="nested more than"):
+        load_json_blocking(over)
