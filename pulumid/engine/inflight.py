@@ -25,7 +25,7 @@ from twisted.internet.defer import DeferredLock
 from twisted.internet.interfaces import IReactorTime
 
 from pulumid.engine import deployments
-from pulumid.engine.journal import JournalError, JournalReplayer
+from pulumid.engine.journal import JournalError, JournalReplayer, walks_the_state
 from pulumid.errors import BadRequest, Stale
 from pulumid.storage.interface import Store
 from pulumid.storage.records import StateBlob, UpdateRecord
@@ -192,9 +192,13 @@ class InFlight:
         return replayer
 
     @staticmethod
-    def _apply_blocking(replayer: JournalReplayer, body: bytes) -> None:
+    def _apply_blocking(
+        replayer: JournalReplayer, body: bytes, entries: list[dict[str, Any]] | None = None
+    ) -> None:
         # Parsed and applied in one trip to the pool: each trip costs as much as a small batch.
-        replayer.add(deployments.journal_entries_blocking(body), check=True)
+        if entries is None:
+            entries = deployments.journal_entries_blocking(body)
+        replayer.add(entries, check=True)
 
     async def add_journal(
         self, update: UpdateRecord, token_hash: str, wire: bytes, body: bytes
@@ -207,17 +211,20 @@ class InFlight:
         appended in between, the replayer is rebuilt and the batch applied again (once), so
         no node ever extends a journal it has not seen.
         """
-        # A small batch costs less to parse and apply than a trip to the pool and back; one
-        # that brings aliases is checked against the whole state, so it goes to the pool.
-        inline = len(body) < INLINE_JOURNAL and b'"aliases"' not in body
+        # A small batch costs less to parse and apply than a trip to the pool and back,
+        # unless an entry makes the replay walk the whole state.
+        entries = None
+        if len(body) < INLINE_JOURNAL:
+            entries = deployments.journal_entries_blocking(body)
+        inline = entries is not None and not any(walks_the_state(e) for e in entries)
         async with self._locked(update.id):
             for last_try in (False, True):
                 replayer = await self._checked_replayer(update)
                 try:
                     if inline:
-                        self._apply_blocking(replayer, body)
+                        self._apply_blocking(replayer, body, entries)
                     else:
-                        await self._cpu.run(self._apply_blocking, replayer, body)
+                        await self._cpu.run(self._apply_blocking, replayer, body, entries)
                 except JournalError as e:
                     if not last_try and await self._lags(replayer, update):
                         self.journals.pop(update.id)  # half-applied: rebuild and retry

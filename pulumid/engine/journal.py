@@ -616,6 +616,18 @@ def _normalise_aliases(
     return out, snippets
 
 
+def walks_the_state(raw: Any) -> bool:
+    """Whether applying this (unparsed) entry may take time in proportion to the whole state:
+    a rebuilt base or a new snapshot, or aliases (checked against every resource)."""
+    if not isinstance(raw, dict):
+        return False
+    if raw.get("kind") in (KIND_REBUILT_BASE_STATE, KIND_WRITE) or "newSnapshot" in raw:
+        return True
+    state, operation = raw.get("state"), raw.get("operation")
+    resource = operation.get("resource") if isinstance(operation, dict) else None
+    return any(isinstance(res, dict) and "aliases" in res for res in (state, resource))
+
+
 def _has_aliases(entry: _Entry) -> bool:
     resources = (entry.state, (entry.operation or {}).get("resource"))
     return any(res is not None and "aliases" in res for res in resources) or (

@@ -34,8 +34,16 @@ def test_stack_ls_filters(cli: PulumiCLI, daemon: Daemon, project: Callable[...,
     assert ls("--all", "--tag", "team=green") == set()
 
 
-def test_stack_ls_pages(cli: PulumiCLI, daemon: Daemon, project: Callable[..., Path]) -> None:
-    p = project("p", items=1)
+def test_stack_ls_pages(
+    start_daemon: Callable[..., Daemon],
+    cli_version: str,
+    make_cli: Callable[[str, Daemon], PulumiCLI],
+    make_project: Callable[..., Path],
+) -> None:
+    # Pages of 50 (the default is 1,000): 120 stacks take three pages.
+    daemon = start_daemon(page_size=50)
+    cli = make_cli(cli_version, daemon)
+    p = make_project(cli, daemon, "p", items=1)
     expected = {f"b{i:03d}" for i in range(120)}
     for name in sorted(expected):
         daemon.api_ok("POST", "/api/stacks/acme/bulk", {"stackName": name})

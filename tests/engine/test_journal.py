@@ -22,6 +22,7 @@ from pulumid.engine.journal import (
     UNKNOWN_PROVIDER_ID,
     JournalError,
     JournalReplayer,
+    walks_the_state,
 )
 
 NOW = "2024-05-01T10:00:00Z"
@@ -819,3 +820,14 @@ def test_bad_base_is_rejected() -> None:
         JournalReplayer({"resources": {}})
     with pytest.raises(JournalError):
         JournalReplayer([])  # type: ignore[arg-type]
+
+
+def test_entries_that_walk_the_whole_state_are_told_apart() -> None:
+    # These go to the CPU pool whatever their size; the rest of a small batch stays inline.
+    assert walks_the_state(entry(1, KIND_REBUILT_BASE_STATE))
+    assert walks_the_state(entry(1, KIND_WRITE, newSnapshot=deployment()))
+    assert walks_the_state(entry(2, KIND_SUCCESS, 1, state=pet("a", aliases=[urn("b")])))
+    assert walks_the_state(begin(1, 1, "creating", pet("a", aliases=[urn("b")])))
+    assert not walks_the_state(entry(2, KIND_SUCCESS, 1, state=pet("a")))
+    assert not walks_the_state(begin(1, 1, "creating", pet("a")))
+    assert not walks_the_state("not an entry")

@@ -449,6 +449,11 @@ def test_7_journal_batches_are_applied_on_the_cpu_pool(env: Env) -> None:
         ok(env.backend.journal_entries(ref, update.id, token, more, more))
         # The only replay work of a large batch went through the CPU runner.
         assert cpu.names[before:].count("_apply_blocking") == 1 and calls == [True]
+        # So does a small one whose entry makes the replay walk the whole state.
+        rebuilt = entries_body({"version": 1, "kind": 7, "sequenceID": 6, "operationID": 0})
+        before = len(cpu.names)
+        ok(env.backend.journal_entries(ref, update.id, token, rebuilt, rebuilt))
+        assert cpu.names[before:].count("_apply_blocking") == 1 and calls == [True, True]
     finally:
         JournalReplayer.add = real_add  # type: ignore[method-assign]
 
