@@ -12,11 +12,13 @@ from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+
+from pulumid.errors import Unavailable
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -46,6 +48,11 @@ class PoolRunner(Runner, Service):
         self.pool.stop()
 
     def run(self, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
+        if self.pool.joined:
+            # A stopped ThreadPool drops new work without a word, so the Deferred would
+            # never fire and whoever waits on it (a timer's tick, and the shutdown waiting
+            # for that tick) would hang: fail at once instead.
+            return fail(Unavailable("Service Unavailable: the daemon is shutting down"))
         return deferToThreadPool(self._reactor, self.pool, f, *args, **kwargs)
 
     @property
