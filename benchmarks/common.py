@@ -362,22 +362,23 @@ def reset_peak(pids: Iterable[int]) -> None:
             Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
-def resident_kib(pids: Iterable[int]) -> int:
-    """The sum of the processes' VmRSS (resident memory now), in KiB."""
+def _summed(pids: Iterable[int], field: int) -> int:
+    """A field of rss_kib summed over the processes that still exist."""
     total = 0
     for pid in pids:
         with contextlib.suppress(OSError):
-            total += rss_kib(pid)[0]
+            total += rss_kib(pid)[field]
     return total
+
+
+def resident_kib(pids: Iterable[int]) -> int:
+    """The sum of the processes' VmRSS (resident memory now), in KiB."""
+    return _summed(pids, 0)
 
 
 def peak_rss_kib(pids: Iterable[int]) -> int:
     """The sum of the processes' VmHWM, in KiB (each one's peak, not the peak of the sum)."""
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            total += rss_kib(pid)[1]
-    return total
+    return _summed(pids, 1)
 
 
 def _cpu_by_pid(pids: Iterable[int]) -> dict[int, float]:

@@ -47,6 +47,7 @@ from benchmarks.common import (
     new_token,
     positive_ints,
     pulumid_server,
+    rss_kib,
 )
 
 ORG = "acme"
@@ -392,16 +393,6 @@ def daemon(source: Path, label: str, extra_args: Sequence[str] = ()) -> Iterator
 
 def client_for(running: Daemon) -> Client:
     return Client(running.port, running.token)
-
-
-def rss_kib(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) of PID in KiB, from /proc/PID/status."""
-    values: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(rest.split()[0])
-    return values.get("VmRSS", 0), values.get("VmHWM", 0)
 
 
 # --------------------------------------------------------------------------------------------
