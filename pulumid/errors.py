@@ -51,3 +51,7 @@ class Unavailable(PulumidError):
     """The server could not do it now (storage failed); the same request may succeed later."""
 
     status = 503
+
+
+class ShuttingDown(Unavailable):
+    """The daemon is stopping: its thread pools take no more work, so retrying is pointless."""

@@ -18,7 +18,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from pulumid.errors import Unavailable
+from pulumid.errors import ShuttingDown
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -52,7 +52,7 @@ class PoolRunner(Runner, Service):
             # A stopped ThreadPool drops new work without a word, so the Deferred would
             # never fire and whoever waits on it (a timer's tick, and the shutdown waiting
             # for that tick) would hang: fail at once instead.
-            return fail(Unavailable("Service Unavailable: the daemon is shutting down"))
+            return fail(ShuttingDown("Service Unavailable: the daemon is shutting down"))
         return deferToThreadPool(self._reactor, self.pool, f, *args, **kwargs)
 
     @property

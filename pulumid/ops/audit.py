@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from pulumid.errors import PulumidError
+from pulumid.errors import PulumidError, ShuttingDown
 from pulumid.storage.interface import Store
 from pulumid.storage.records import AuditRecord
 
@@ -66,7 +66,10 @@ class AuditTrail:
         if len(self._pending) < MAX_BACKLOG:
             self._pending.append(event)
         if self._writing is None:
-            self._writing = Deferred.fromCoroutine(self._write())
+            writing = Deferred.fromCoroutine(self._write())
+            # A write that finished at once (failed synchronously) has already cleared it.
+            if not writing.called:
+                self._writing = writing
         return event
 
     async def _write(self) -> None:
@@ -75,6 +78,15 @@ class AuditTrail:
                 batch, self._pending = self._pending, []
                 try:
                     await self._store.add_audit_events(batch)
+                except ShuttingDown:
+                    # Recorded after the storage threads stopped: the events went to the
+                    # log stream; a retry would only loop until the process exits.
+                    log.warn(
+                        "{count} audit rows not stored: the daemon is stopping",
+                        count=len(batch) + len(self._pending),
+                    )
+                    self._pending = []
+                    return
                 except PulumidError as e:
                     log.error("audit rows not stored yet ({error}); retrying", error=e)
                     self._pending[:0] = batch

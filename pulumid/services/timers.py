@@ -12,7 +12,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from pulumid.errors import PulumidError
+from pulumid.errors import PulumidError, ShuttingDown
 
 
 class SafeTimer(TimerService):
@@ -63,6 +63,8 @@ class SafeTimer(TimerService):
     async def _run(self) -> None:
         try:
             await self._callable()
+        except ShuttingDown:
+            self.log.info("timer {name} stopped by the shutdown", name=self.name)
         except PulumidError as e:
             # Expected failures (storage unavailable): a line, not a traceback.
             self.failures += 1

@@ -10,7 +10,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogPublisher
 
-from pulumid.errors import Unavailable
+from pulumid.errors import ShuttingDown, Unavailable
 from pulumid.ops.audit import AuditTrail
 from pulumid.ops.logs import daemon_observer
 from pulumid.storage.records import AuditRecord
@@ -65,6 +65,33 @@ def test_rows_are_stored_and_a_failed_write_is_retried(tmp_path: Path) -> None:
     ]
     assert rows[1].client_ip == "10.0.0.7" and rows[1].time == 1_000
     store.close()
+
+
+class StoppedStore:
+    """The storage threads have stopped: every write fails as it does during shutdown."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def add_audit_events(self, events: list[AuditRecord]) -> Deferred[None]:
+        self.calls += 1
+        return Deferred.fromCoroutine(_stopped())
+
+
+async def _stopped() -> None:
+    raise ShuttingDown("Service Unavailable: the daemon is shutting down")
+
+
+def test_no_retry_once_the_daemon_is_stopping() -> None:
+    # Retrying every second after the pools stopped would go on until the process exits
+    # (in a test run: into every later test's log).
+    clock = Clock()
+    stopped = StoppedStore()
+    trail = AuditTrail(stopped, clock)  # type: ignore[arg-type]
+    trail.record("acme", "alice", "stack.delete", "acme/web/dev", 204, "10.0.0.7")
+    _done(Deferred.fromCoroutine(trail.flush()))
+    clock.advance(60.0)
+    assert stopped.calls == 1 and not clock.getDelayedCalls()
 
 
 def test_log_lines_by_type_and_destination(tmp_path: Path) -> None:
