@@ -480,7 +480,7 @@ def _label(stack: StackRecord) -> str:
 def _stacks(store: Store, orgs: list[str]) -> Iterator[StackRecord]:
     after = 0
     while orgs:
-        page = result(store.list_stacks(orgs, None, None, None, after, STACK_PAGE))
+        page = result(store.stacks_by_id(orgs, after, STACK_PAGE))
         yield from page
         if len(page) < STACK_PAGE:
             return

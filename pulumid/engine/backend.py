@@ -6,7 +6,9 @@ blocking work (big JSON, gzip) to the CPU runner.
 
 from __future__ import annotations
 
+import base64
 import functools
+import json
 import os
 import re
 import secrets as secrets_module
@@ -59,6 +61,25 @@ def parse_bounded_int(text: str, what: str) -> int:
     if not (text.isascii() and text.isdecimal()) or len(text) > 15:
         raise BadRequest(f"Bad Request: invalid {what}")
     return int(text)
+
+
+def continuation_token(last: StackRef) -> str:
+    """An opaque token for the page after LAST: base64url of ["org", "project", "name"]."""
+    text = json.dumps([last.org, last.project, last.name], separators=(",", ":"))
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def parse_continuation(token: str) -> StackRef:
+    """continuation_token's stack back, or a 400 for anything else."""
+    try:
+        if len(token) > 1024 or not token.isascii():
+            raise ValueError
+        key = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        if not (isinstance(key, list) and len(key) == 3 and all(isinstance(k, str) for k in key)):
+            raise ValueError
+    except ValueError:
+        raise BadRequest("Bad Request: invalid continuation token") from None
+    return StackRef(*key)
 
 
 def validate_ref(ref: StackRef) -> None:
@@ -187,13 +208,12 @@ class Backend:
         orgs = owners if org is None else [org]
         if org is not None and org not in owners:
             return [], None
-        after = 0
-        if continuation:
-            after = parse_bounded_int(continuation, "continuation token")
+        after = parse_continuation(continuation) if continuation else None
         size = self.config.page_size
         stacks = await self.store.list_stacks(orgs, project, tag_name, tag_value, after, size + 1)
         if len(stacks) > size:
-            return stacks[:size], str(stacks[size - 1].id)
+            last = stacks[size - 1]
+            return stacks[:size], continuation_token(StackRef(last.org, last.project, last.name))
         return stacks, None
 
     async def project_exists(self, org: str, project: str) -> bool:

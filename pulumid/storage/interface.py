@@ -51,9 +51,18 @@ class Store(Protocol):
         project: str | None,
         tag_name: str | None,
         tag_value: str | None,
-        after_id: int,
+        after: StackRef | None,
         limit: int,
-    ) -> Deferred[list[StackRecord]]: ...
+    ) -> Deferred[list[StackRecord]]:
+        """A page of stacks in (org, project, name) order, those after AFTER."""
+        ...
+
+    def stacks_by_id(
+        self, orgs: list[str], after_id: int, limit: int
+    ) -> Deferred[list[StackRecord]]:
+        """A page of stacks in id order (copying and comparing two stores)."""
+        ...
+
     def project_exists(self, org: str, project: str) -> Deferred[bool]: ...
     def delete_stack(self, stack_id: int, force: bool) -> Deferred[None]: ...
     def set_tags(self, stack_id: int, tags: dict[str, str]) -> Deferred[None]: ...

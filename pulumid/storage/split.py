@@ -337,10 +337,15 @@ class BlobbedStore:
         project: str | None,
         tag_name: str | None,
         tag_value: str | None,
-        after_id: int,
+        after: StackRef | None,
         limit: int,
     ) -> Deferred[list[StackRecord]]:
-        return self.meta.list_stacks(orgs, project, tag_name, tag_value, after_id, limit)
+        return self.meta.list_stacks(orgs, project, tag_name, tag_value, after, limit)
+
+    def stacks_by_id(
+        self, orgs: list[str], after_id: int, limit: int
+    ) -> Deferred[list[StackRecord]]:
+        return self.meta.stacks_by_id(orgs, after_id, limit)
 
     def project_exists(self, org: str, project: str) -> Deferred[bool]:
         return self.meta.project_exists(org, project)

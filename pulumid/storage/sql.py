@@ -252,31 +252,59 @@ class SQLStore:
         project: str | None,
         tag_name: str | None,
         tag_value: str | None,
-        after_id: int,
+        after: StackRef | None,
         limit: int,
+    ) -> Deferred[list[StackRecord]]:
+        # Pages in the order the CLI sorts stacks: its sort is then linear, where shuffled
+        # input took most of `stack ls` with 20,000 stacks. One range scan of the (org,
+        # project, name) index per organization: a row-value bound over all three columns
+        # is not used as a range, and each page would scan from the first stack.
+        def txn(conn: Connection) -> list[StackRecord]:
+            rows: list[Any] = []
+            for org in sorted(set(orgs)):
+                if after is not None and org < after.org:
+                    continue
+                sql = [f"SELECT {STACK_COLUMNS} FROM stacks s WHERE org = ?"]
+                args: list[Any] = [org]
+                if after is not None and org == after.org:
+                    sql.append("AND (project, name) > (?, ?)")
+                    args.extend((after.project, after.name))
+                if project is not None:
+                    sql.append("AND project = ?")
+                    args.append(project)
+                if tag_name is not None:
+                    sql.append(
+                        "AND EXISTS (SELECT 1 FROM stack_tags t WHERE t.stack_id = s.id "
+                        "AND t.name = ?" + (" AND t.value = ?)" if tag_value is not None else ")")
+                    )
+                    args.append(tag_name)
+                    if tag_value is not None:
+                        args.append(tag_value)
+                sql.append("ORDER BY project, name LIMIT ?")
+                args.append(limit - len(rows))
+                rows.extend(conn.execute(" ".join(sql), args).fetchall())
+                if len(rows) >= limit:
+                    break
+            return self._with_tags(conn, rows)
+
+        return self._read(txn)
+
+    def stacks_by_id(
+        self, orgs: list[str], after_id: int, limit: int
     ) -> Deferred[list[StackRecord]]:
         def txn(conn: Connection) -> list[StackRecord]:
             in_orgs, org_args = self._in("org", list(orgs))
-            sql = [f"SELECT {STACK_COLUMNS} FROM stacks s WHERE id > ? AND {in_orgs}"]
-            args: list[Any] = [after_id, *org_args]
-            if project is not None:
-                sql.append("AND project = ?")
-                args.append(project)
-            if tag_name is not None:
-                sql.append(
-                    "AND EXISTS (SELECT 1 FROM stack_tags t WHERE t.stack_id = s.id "
-                    "AND t.name = ?" + (" AND t.value = ?)" if tag_value is not None else ")")
-                )
-                args.append(tag_name)
-                if tag_value is not None:
-                    args.append(tag_value)
-            sql.append("ORDER BY id LIMIT ?")
-            args.append(limit)
-            rows = conn.execute(" ".join(sql), args).fetchall()
-            tags = self._read_tags(conn, [row[0] for row in rows])
-            return [stack_from_row(row, tags.get(row[0], {})) for row in rows]
+            sql = (
+                f"SELECT {STACK_COLUMNS} FROM stacks s WHERE id > ? AND {in_orgs} "
+                "ORDER BY id LIMIT ?"
+            )
+            return self._with_tags(conn, conn.execute(sql, [after_id, *org_args, limit]).fetchall())
 
         return self._read(txn)
+
+    def _with_tags(self, conn: Connection, rows: list[Any]) -> list[StackRecord]:
+        tags = self._read_tags(conn, [row[0] for row in rows])
+        return [stack_from_row(row, tags.get(row[0], {})) for row in rows]
 
     def project_exists(self, org: str, project: str) -> Deferred[bool]:
         def txn(conn: Connection) -> bool:

@@ -81,7 +81,7 @@ def key_file(path: Path, hex_key: str) -> str:
 def stack_names(path: Path) -> list[str]:
     store = SQLiteStore.open(path, InlineRunner())
     try:
-        stacks = _sync.successResultOf(store.list_stacks([ORG], None, None, None, 0, 100))
+        stacks = _sync.successResultOf(store.list_stacks([ORG], None, None, None, None, 100))
         return sorted(str(s.ref) for s in stacks)
     finally:
         store.close()

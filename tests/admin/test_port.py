@@ -299,7 +299,7 @@ def _gunzip(data: bytes) -> bytes:
 
 def _exports(backend: Backend, store: SQLiteStore) -> dict[str, Exported]:
     found: dict[str, Exported] = {}
-    for stack in _sync.successResultOf(store.list_stacks([ORG], None, None, None, 0, 1000)):
+    for stack in _sync.successResultOf(store.list_stacks([ORG], None, None, None, None, 1000)):
         current = json.loads(_gunzip(ok(backend.export(stack.ref, None)).gzipped))
         exported = Exported(current)
         for version in range(stack.version + 1):

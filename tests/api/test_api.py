@@ -613,7 +613,8 @@ async def test_tags_and_listing(tmp_path: Path) -> None:
             if page.get("continuationToken") is None:  # absent on the last page
                 break
             query = f"/api/user/stacks?continuationToken={page['continuationToken']}"
-        assert names == [f"{ORG}/web/a", f"{ORG}/web/b", f"{ORG}/web/c", f"{ORG}/api/d"]
+        # In (org, project, name) order, as the CLI sorts them.
+        assert names == [f"{ORG}/api/d", f"{ORG}/web/a", f"{ORG}/web/b", f"{ORG}/web/c"]
         assert len(tokens) == 2 and tokens[-1] is None
         page = await server.ok("GET", "/api/user/stacks?project=api")
         assert page == {

@@ -278,40 +278,59 @@ def test_list_filters(store: Store) -> None:
     make_stack(store, "b", tags={"env": "dev"})
     make_stack(store, "c", project="api", tags={"team": "y"})
     make_stack(store, "d", org="elsewhere")
-    everything = ok(store.list_stacks(["acme", "elsewhere"], None, None, None, 0, 100))
-    assert _names(everything) == ["acme/web/a", "acme/web/b", "acme/api/c", "elsewhere/web/d"]
-    assert everything[0].tags == {"env": "prod", "team": "x"}
-    acme = ok(store.list_stacks(["acme"], None, None, None, 0, 100))
-    assert _names(acme) == ["acme/web/a", "acme/web/b", "acme/api/c"]
-    assert ok(store.list_stacks([], None, None, None, 0, 100)) == []
-    by_project = ok(store.list_stacks(["acme"], "api", None, None, 0, 100))
+    everything = ok(store.list_stacks(["acme", "elsewhere"], None, None, None, None, 100))
+    # (org, project, name) order: the order the CLI sorts them in.
+    assert _names(everything) == ["acme/api/c", "acme/web/a", "acme/web/b", "elsewhere/web/d"]
+    assert everything[1].tags == {"env": "prod", "team": "x"}
+    acme = ok(store.list_stacks(["acme"], None, None, None, None, 100))
+    assert _names(acme) == ["acme/api/c", "acme/web/a", "acme/web/b"]
+    assert ok(store.list_stacks([], None, None, None, None, 100)) == []
+    by_project = ok(store.list_stacks(["acme"], "api", None, None, None, 100))
     assert _names(by_project) == ["acme/api/c"]
-    by_tag = ok(store.list_stacks(["acme"], None, "team", None, 0, 100))
-    assert _names(by_tag) == ["acme/web/a", "acme/api/c"]
-    by_value = ok(store.list_stacks(["acme"], None, "env", "prod", 0, 100))
+    by_tag = ok(store.list_stacks(["acme"], None, "team", None, None, 100))
+    assert _names(by_tag) == ["acme/api/c", "acme/web/a"]
+    by_value = ok(store.list_stacks(["acme"], None, "env", "prod", None, 100))
     assert _names(by_value) == ["acme/web/a"]
-    assert ok(store.list_stacks(["acme"], None, "env", "staging", 0, 100)) == []
-    combined = ok(store.list_stacks(["acme"], "web", "team", "x", 0, 100))
+    assert ok(store.list_stacks(["acme"], None, "env", "staging", None, 100)) == []
+    combined = ok(store.list_stacks(["acme"], "web", "team", "x", None, 100))
     assert _names(combined) == ["acme/web/a"]
 
 
 def test_list_paging(store: Store) -> None:
-    names = [f"s{i:02}" for i in range(7)]
-    for name in names:
-        make_stack(store, name)
-    seen: list[str] = []
-    after = 0
-    pages = 0
-    while True:
-        page = ok(store.list_stacks(["acme"], None, None, None, after, 3))
-        assert len(page) <= 3
-        if not page:
-            break
-        pages += 1
-        seen.extend(s.name for s in page)
-        after = page[-1].id
-    assert seen == names
-    assert pages == 3
+    # Created out of order, over two organizations and projects: pages come in (org,
+    # project, name) order, each stack once, whatever the page size.
+    refs = [("acme", "web", "s3"), ("other", "api", "s1"), ("acme", "api", "s9"),
+            ("acme", "web", "s0"), ("other", "api", "s0"), ("acme", "web", "s1"),
+            ("acme", "api", "s2")]  # fmt: skip
+    for org, project, name in refs:
+        make_stack(store, name, org=org, project=project)
+    expected = ["/".join(r) for r in sorted(refs)]
+    for size in (1, 3, 7, 8):
+        seen: list[str] = []
+        after: StackRef | None = None
+        while True:
+            page = ok(store.list_stacks(["other", "acme"], None, None, None, after, size))
+            assert len(page) <= size
+            seen.extend(_names(page))
+            if len(page) < size:
+                break
+            after = page[-1].ref
+        assert seen == expected
+    # A bound between stacks, and past the last organization.
+    tail = ok(
+        store.list_stacks(["acme", "other"], None, None, None, StackRef("acme", "web", "s05"), 9)
+    )
+    assert _names(tail) == ["acme/web/s1", "acme/web/s3", "other/api/s0", "other/api/s1"]
+    assert ok(store.list_stacks(["acme"], None, None, None, StackRef("zz", "a", "b"), 9)) == []
+
+
+def test_stacks_by_id(store: Store) -> None:
+    made = [make_stack(store, name) for name in ("s2", "s0", "s1")]
+    made.append(make_stack(store, "s9", org="other"))
+    first = ok(store.stacks_by_id(["acme", "other"], 0, 2))
+    rest = ok(store.stacks_by_id(["acme", "other"], first[-1].id, 10))
+    assert [s.id for s in first + rest] == [s.id for s in made]
+    assert _names(ok(store.stacks_by_id(["other"], 0, 10))) == ["other/web/s9"]
 
 
 def test_tags_replace(store: Store) -> None:
