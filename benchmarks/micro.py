@@ -17,6 +17,8 @@ server's work is timed. Each benchmark starts its own fresh daemon (a new databa
 - journal     PATCH .../journalentries throughput        } hooks for endpoints that are not
 - delta       PATCH .../checkpointdelta latency           } there yet: skipped with a note
                                                           } when the server answers 404/400
+- inflight    peak resident memory with 10 updates of the largest size journaling and
+              completing at once, against the sum of their states
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ ORG = "acme"
 PROJECT = "micro"
 PAYLOAD_SIZE = 16384
 CLI_VERSION = "v3.259.0"
-BENCHMARKS = ("events", "checkpoint", "concurrent", "memory", "journal", "delta")
+BENCHMARKS = ("events", "checkpoint", "concurrent", "memory", "journal", "delta", "inflight")
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,6 +440,7 @@ class Settings:
     loops: int
     stacks: int
     few_stacks: int
+    inflight: int = 10
 
 
 # --------------------------------------------------------------------------------------------
@@ -854,6 +857,85 @@ def bench_journal(s: Settings) -> Table:
     return table
 
 
+def bench_inflight(s: Settings) -> Table:
+    """Several large updates at once: does the daemon's memory stay a bounded multiple of
+    the states it serves?"""
+    table = Table(
+        "updates in flight at once: peak resident memory",
+        [
+            "updates at once",
+            "resources each",
+            "state each MB",
+            "states MB",
+            "idle RSS MiB",
+            "peak RSS MiB",
+            "peak above idle / one state",
+            "peak above idle / all states",
+            "wall s",
+        ],
+    )
+    count, parallel = max(s.sizes), max(1, s.inflight)
+    with daemon(s.source, "inflight", s.pulumid_args) as server:
+        setup = client_for(server)
+        jobs: list[tuple[Update, list[bytes]]] = []
+        for i in range(parallel):
+            stack = f"inflight{i}"
+            create_stack(setup, stack)
+            update = begin_update(setup, stack, journal_version=1)
+            entries = journal_entries(update, resources(stack, count))
+            bodies = [
+                gzip.compress(_json({"entries": entries[j : j + 50]}), 6)
+                for j in range(0, len(entries), 50)
+            ]
+            jobs.append((update, bodies))
+            del entries
+        idle = rss_kib(server.pid)[0] / 1024
+        usage = ServerUsage(lambda: [server.pid])
+
+        def run(job: tuple[Update, list[bytes]]) -> None:
+            update, bodies = job
+            client = client_for(server)
+            for body in bodies:
+                response = client.request(
+                    "PATCH", f"{update.path}/journalentries", body, lease=update.lease, gzipped=True
+                )
+                if not response.ok:
+                    raise BenchmarkError(f"PATCH journalentries -> {_note(response)}")
+            complete(client, update)
+            client.close()
+
+        usage.start()
+        start = time.perf_counter()
+        _in_threads(run, jobs)
+        elapsed = time.perf_counter() - start
+        peak, _cpu = usage.stop()
+        state_bytes = len(export(setup, "inflight0", accept_gzip=False).body)
+        setup.close()
+    state_mb = state_bytes / 1e6
+    above = ((peak or idle) - idle) * 1024 * 1024 / 1e6
+    table.rows.append(
+        [
+            str(parallel),
+            str(count),
+            f"{state_mb:.1f}",
+            f"{state_mb * parallel:.1f}",
+            f"{idle:.0f}",
+            f"{peak:.0f}" if peak is not None else "?",
+            f"{above / state_mb:.2f}",
+            f"{above / (state_mb * parallel):.2f}",
+            f"{elapsed:.1f}",
+        ]
+    )
+    table.notes.append(
+        "Each update is a create of its own stack, journaled in batches of 50 entries (a Begin "
+        "and a Success per resource, as the CLI sends them), all released at once, each "
+        "ending with its complete (the state's materialisation). Idle RSS is measured after "
+        "the stacks and updates exist, before the first entry; the peak is the daemon's "
+        "VmHWM over the run. State size is one exported state, uncompressed."
+    )
+    return table
+
+
 def bench_delta(s: Settings) -> Table:
     table = Table(
         "delta checkpoint latency (PATCH .../checkpointdelta)",
@@ -925,6 +1007,7 @@ RUNNERS: dict[str, Callable[[Settings], Table]] = {
     "memory": bench_memory,
     "journal": bench_journal,
     "delta": bench_delta,
+    "inflight": bench_inflight,
 }
 
 
@@ -954,6 +1037,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--loops", type=int, default=10, help="updates per concurrent stack (10)")
     p.add_argument("--stacks", type=int, default=2000, help="stacks for the memory test (2000)")
     p.add_argument("--few-stacks", type=int, default=20, help="the small stack count (20)")
+    p.add_argument("--inflight", type=int, default=10, help="updates at once for inflight (10)")
     p.add_argument(
         "--pulumid-source",
         type=Path,
@@ -984,6 +1068,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         loops=args.loops,
         stacks=args.stacks,
         few_stacks=args.few_stacks,
+        inflight=args.inflight,
     )
     rendered: list[str] = []
     try:

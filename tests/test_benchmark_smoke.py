@@ -172,6 +172,8 @@ def test_micro_benchmarks_run(tmp_path: Path) -> None:
             "30",
             "--few-stacks",
             "5",
+            "--inflight",
+            "3",
             "--out",
             str(out),
         ],
@@ -185,6 +187,7 @@ def test_micro_benchmarks_run(tmp_path: Path) -> None:
         "resident memory",
         "journal entries",
         "delta checkpoint",
+        "updates in flight at once",
     ):
         assert title in text
 
