@@ -534,9 +534,16 @@ def check_integrity(result: dict[str, Any]) -> None:
             assert live[urn] == 1, f"two live copies of {urn}"
 
 
+# Built (and so its module imported) while the test module loads: imported lazily inside a
+# test, pytest's rewrite of that module once met CPython 3.11's AST recursion-depth check
+# thrown off by another thread ("SystemError: AST constructor recursion depth mismatch").
+RANDOMS = st.randoms(use_true_random=False)
+RANDOMS.validate()
+
+
 def arrival(data: st.DataObject, entries: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """Entries as they might reach the server: reordered, some sent twice, in batches."""
-    rnd = data.draw(st.randoms(use_true_random=False), label="arrival")
+    rnd = data.draw(RANDOMS, label="arrival")
     stream = list(entries)
     if rnd.random() < 0.5:
         rnd.shuffle(stream)
