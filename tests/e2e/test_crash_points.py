@@ -1,6 +1,6 @@
-"""Crash points: the daemon SIGKILLed at many points of 600-resource updates.
+"""Crash points: the daemon SIGKILLed at many points of 300-resource updates.
 
-One stack per CLI version goes through a few phases (create 600 items, replace them all,
+One stack per CLI version goes through a few phases (create 300 items, replace them all,
 delete them, ...). During each phase's `up` the daemon dies several times: just before or
 just after the N-th SQLite COMMIT since its last start (PULUMID_TEST_FAULTS
 `kill@commit:N` / `kill@committed:N`, so mid-request and between commit and answer), or
@@ -43,7 +43,7 @@ from tests.e2e.programs import ITEM_TYPE, write_yaml_program
 
 pytestmark = pytest.mark.e2e
 
-ITEMS = 600
+ITEMS = 300
 UP = ("up", "--yes", "--skip-preview")
 STACK = "crash"
 OUTAGE = 25.0  # longest a daemon stays down at an outage point
@@ -99,22 +99,23 @@ def sigkill(items: int, *, outage: bool = False) -> Kill:
     return Kill("sigkill", items, outage)
 
 
-# Commits per phase measured here: 3.259.0 creates 600 items in ~190 commits (journal
-# batches) and replaces them in ~380; 3.210.0 spends ~1230 (two delta checkpoints per
-# step) on creating or deleting 600. Each N counts from the previous restart.
+# Commits per phase measured here at 600 items (the points were halved with the items, to
+# fit a cold CI run): 3.259.0 creates 600 items in ~190 commits (journal batches) and
+# replaces them in ~380; 3.210.0 spends ~1230 (two delta checkpoints per step) on creating
+# or deleting 600. Each N counts from the previous restart.
 JOURNALED = (
-    Phase("create", ITEMS, "g0", (commit(25), committed(40), sigkill(350), commit(20))),
+    Phase("create", ITEMS, "g0", (commit(12), committed(20), sigkill(175), commit(10))),
     Phase(
         "replace",
         ITEMS,
         "g1",
-        (committed(50), sigkill(300), commit(60), committed(40), commit(3)),
+        (committed(25), sigkill(150), commit(30), committed(20), commit(3)),
     ),
     Phase(
         "replace-again",
         ITEMS,
         "g2",
-        (sigkill(0), committed(70), commit(90), sigkill(600, outage=True)),
+        (sigkill(0), committed(35), commit(45), sigkill(300, outage=True)),
     ),
 )
 CHECKPOINTED = (
@@ -122,15 +123,15 @@ CHECKPOINTED = (
         "create",
         ITEMS,
         "g0",
-        (commit(120), committed(200), sigkill(300), commit(150), committed(3)),
+        (commit(60), committed(100), sigkill(150), commit(75), committed(3)),
     ),
     Phase(
         "delete-all",
         0,
         "g0",
-        (committed(150), commit(250), sigkill(400), committed(200, outage=True)),
+        (committed(75), commit(125), sigkill(200), committed(100, outage=True)),
     ),
-    Phase("recreate", ITEMS, "g1", (sigkill(0), commit(300), committed(250), commit(200))),
+    Phase("recreate", ITEMS, "g1", (sigkill(0), commit(150), committed(125), commit(100))),
 )
 
 
