@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pulumid.config import Config
 from pulumid.engine import deployments
-from pulumid.engine.backend import Backend
+from pulumid.engine.backend import Backend, continuation_token, parse_continuation
 from pulumid.engine.events import EventWriter
 from pulumid.engine.inflight import InFlight
 from pulumid.engine.secrets import StackSecrets
@@ -352,6 +353,34 @@ def test_stack_list_paging(tmp_path: Path) -> None:
 
 def test_stack_list_unicode_digit_token_is_a_bad_request(env: Env) -> None:
     fails(env.backend.list_stacks(None, None, None, None, "\u00b2"), BadRequest)
+
+
+def test_continuation_tokens_round_trip_and_refuse_anything_else() -> None:
+    # The longest names a stack may have still fit the token's 1,024-character bound.
+    longest = StackRef("o" * 100, "p" * 100, "s" * 100)
+    token = continuation_token(longest)
+    assert len(token) <= 1024 and parse_continuation(token) == longest
+    assert parse_continuation(continuation_token(StackRef("é", "ü", "ß"))) == StackRef(
+        "é", "ü", "ß"
+    )
+
+    def encoded(text: str) -> str:
+        return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+    refused = [
+        # A well-formed key, but longer than any token the server gives out.
+        encoded(json.dumps(["o", "p", "x" * 800])),
+        "\u00e9t\u00e9",
+        "!!!!",
+        encoded("not json"),
+        encoded('{"org": "o"}'),
+        encoded('["o", "p"]'),
+        encoded('["o", "p", "s", "t"]'),
+        encoded('["o", "p", 3]'),
+    ]
+    for bad in refused:
+        with pytest.raises(BadRequest, match="invalid continuation token"):
+            parse_continuation(bad)
 
 
 def test_delete_stack(env: Env) -> None:
