@@ -12,17 +12,31 @@ fi
 "$venv/bin/pip" install -q -e '.[test]'
 
 echo "== building the Pulumi CLI, YAML host, test provider, MinIO and local-kms (cached); PostgreSQL, HAProxy, oidc-provider, pebble, packaging tools"
+# The installs wait on the network and the disk, the Go builds on the CPU: on a new machine
+# they overlap (minutes saved). The installs run one after another (apt-get takes a lock).
+installs_log=$(mktemp)
+(
+  scripts/install-postgres.sh
+  scripts/install-haproxy.sh
+  scripts/install-oidc-provider.sh
+  scripts/install-pebble.sh
+  scripts/install-packaging-tools.sh
+) >/dev/null 2>"$installs_log" &
+installs=$!
 versions=${PULUMID_E2E_CLI_VERSIONS:-3.259.0,3.210.0}
 for v in ${versions//,/ }; do scripts/build-pulumi.sh cli "$v" >/dev/null; done
 scripts/build-pulumi.sh yaml 1.19.1 >/dev/null
 scripts/build-provider.sh >/dev/null
 scripts/build-minio.sh >/dev/null
 scripts/build-local-kms.sh >/dev/null
-scripts/install-postgres.sh >/dev/null
-scripts/install-haproxy.sh >/dev/null
-scripts/install-oidc-provider.sh >/dev/null
-scripts/install-pebble.sh >/dev/null
-scripts/install-packaging-tools.sh >/dev/null
+status=0
+wait "$installs" || status=$?
+cat "$installs_log" >&2
+rm -f "$installs_log"
+if [ "$status" -ne 0 ]; then
+  echo "installing PostgreSQL, HAProxy, oidc-provider, pebble or the packaging tools failed" >&2
+  exit "$status"
+fi
 
 echo "== lint and types"
 "$venv/bin/ruff" check pulumid twisted tests benchmarks
