@@ -125,6 +125,12 @@ class Medians:
             return _sum(self._all(self.cpu, backend, size))
         return self.cpu.get((backend, size, operation))
 
+    def backends_at(self, size: int) -> list[str]:
+        """The backends measured at SIZE (the CLI's own backends stop at --quadratic-max)."""
+        return [
+            b for b in self.backends if any((b, size, op) in self.values for op in self.operations)
+        ]
+
     def _all(self, values: Mapping[Key, float], backend: str, size: int) -> list[float] | None:
         """The values of every operation, or None if one is missing."""
         parts = [values.get((backend, size, op)) for op in self.operations]
@@ -221,7 +227,7 @@ def markdown_tables(result: Medians, heading_level: int = 3) -> str:
             "|---|---|---:|---:|---:|---:|---:|",
         ]
         for operation in [*result.operations, "total"]:
-            for backend in result.backends:
+            for backend in result.backends_at(size):
                 if operation == "total":
                     value = result.total(backend, size)
                     ref = result.total(REFERENCE, size)
