@@ -152,7 +152,7 @@ class UpdateRoutes(Routes):
         ref, token, lease = await self._leased(request, org, project, stack, update_id)
         raw = await read_body(request, self.cpu, self.config.max_body_size)
         body = await parse_json(raw, self.cpu)
-        await self.backend.post_events(ref, update_id, token, body, lease)
+        await self.backend.post_events(ref, update_id, token, body, lease, len(raw))
         self._stored("events", len(raw))
         return no_content(request)
 

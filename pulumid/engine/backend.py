@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from pulumid.auth.tokens import hash_token, new_token, same
 from pulumid.config import Config
 from pulumid.engine import deployments
-from pulumid.engine.events import EventWriter, encode_events
+from pulumid.engine.events import EventWriter, encode_events, is_packed, unpacked
 from pulumid.engine.inflight import InFlight
 from pulumid.engine.rename import rename_deployment
 from pulumid.engine.secrets import StackSecrets
@@ -49,8 +49,10 @@ LEASE_EXPIRED = "the update's lease expired: its CLI stopped renewing it"
 DAY = 86400.0
 # How long a node's claim on one lease expiry holds off the other nodes.
 CLAIM_SECONDS = 60.0
-# Event batches larger than this are encoded on the CPU pool.
+# Event batches of more events or bytes than these are encoded (and compressed) on the CPU
+# pool.
 INLINE_EVENTS = 50
+INLINE_EVENT_BYTES = 64 * 1024
 
 
 MAX_INT = 2**53
@@ -479,11 +481,13 @@ class Backend:
         token: str,
         body: Any,
         lease: UpdateRecord | None = None,
+        size: int = 0,
     ) -> None:
+        """Store a batch of events; SIZE is the request body's length, if known."""
         if lease is None:
             await self.leased(ref, update_id, token)
         events = body.get("events") if isinstance(body, dict) else None
-        if isinstance(events, list) and len(events) > INLINE_EVENTS:
+        if isinstance(events, list) and (len(events) > INLINE_EVENTS or size > INLINE_EVENT_BYTES):
             stored, summary = await self.cpu.run(encode_events, events)
         else:
             stored, summary = encode_events(events)
@@ -634,6 +638,9 @@ class Backend:
         if continuation:
             after = parse_bounded_int(continuation, "continuation token")
         events = await self.store.get_events(update_id, after, EVENTS_PAGE)
+        if any(is_packed(e) for e in events):
+            # What a gzipped event inflates to is unknown until it is inflated.
+            events = await self.cpu.run(unpacked, events)
         last = events[-1].sequence if events else after
         finished = update.status not in ("running", "not-started")
         if finished and len(events) < EVENTS_PAGE:

@@ -1,5 +1,10 @@
 """Engine events: stored before they are acknowledged, many requests to one commit.
 
+An event at least COMPRESS_FROM bytes long is stored gzipped: resource events carry the
+resource's inputs and outputs, so an update's events weigh about as much as its state
+again, and most of that compresses well. A stored event is gzip if it starts with gzip's
+magic bytes (JSON text never does), so rows written before this read as they are.
+
 Requests that arrive while a write is in flight wait for the next one, which takes all of
 them (group commit): with an fsync per commit, the cost of durability is shared. If a group
 fails, each update's share is retried alone, so one update's bad batch (its stack deleted
@@ -16,12 +21,36 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from pulumid.engine.deployments import gunzip_blocking, gzip_blocking
 from pulumid.errors import BadRequest
 from pulumid.storage.interface import Store
 from pulumid.storage.records import StoredEvent
 
 # Sequence numbers are stored as SQL integers (signed 64-bit).
 MAX_SEQUENCE = 2**63 - 1
+
+# Events this long or longer are stored gzipped (shorter ones gain little or nothing).
+COMPRESS_FROM = 1024
+GZIP_MAGIC = b"\x1f\x8b"
+# What a stored event may inflate to: it arrived in a request body at most this large.
+MAX_EVENT_BYTES = 1 << 31
+
+
+def packed(data: bytes) -> bytes:
+    """An event's JSON as stored."""
+    return gzip_blocking(data) if len(data) >= COMPRESS_FROM else data
+
+
+def is_packed(event: StoredEvent) -> bool:
+    return event.data[:2] == GZIP_MAGIC
+
+
+def unpacked(events: list[StoredEvent]) -> list[StoredEvent]:
+    """Stored events with their JSON text."""
+    return [
+        StoredEvent(e.sequence, gunzip_blocking(e.data, MAX_EVENT_BYTES)) if is_packed(e) else e
+        for e in events
+    ]
 
 
 @dataclass
@@ -48,7 +77,7 @@ def encode_events(events: Any) -> tuple[list[StoredEvent], dict[str, int] | None
             raise BadRequest(
                 f"Bad Request: every event needs an integer 'sequence' from 0 to {MAX_SEQUENCE}"
             )
-        stored.append(StoredEvent(sequence, orjson.dumps(event)))
+        stored.append(StoredEvent(sequence, packed(orjson.dumps(event))))
         found = event.get("summaryEvent")
         if isinstance(found, dict) and isinstance(found.get("resourceChanges"), dict):
             summary = {

@@ -24,7 +24,7 @@ from pulumid.errors import BadRequest, Conflict, Forbidden, NotFound
 from pulumid.secrets.crypto import MasterKey
 from pulumid.secrets.keys import Keyring, LocalKey
 from pulumid.services.timers import SafeTimer
-from pulumid.storage.records import StackRef, UpdateRecord
+from pulumid.storage.records import StackRef, StoredEvent, UpdateRecord
 from pulumid.storage.sqlite import SQLiteStore
 from pulumid.threads import InlineRunner
 
@@ -228,6 +228,30 @@ def test_events_are_stored_before_the_answer_and_read_in_order(env: Env) -> None
     events, token = ok(env.backend.get_events(ref, update.id, None))
     assert [e.sequence for e in events] == [0, 1, 2, 3]
     assert token is None
+
+
+def test_large_events_are_stored_gzipped_and_read_back_as_sent(env: Env) -> None:
+    ref = env.create()
+    update = env.start(ref)
+    assert update.token
+    outputs = {"payload": "abc/" * 4096}  # 16 KB, as a resource event carries its outputs
+    sent = [
+        {"sequence": 0, "diagnosticEvent": {"message": "small"}},
+        {"sequence": 1, "resOutputsEvent": {"metadata": {"new": {"outputs": outputs}}}},
+    ]
+    ok(env.backend.post_events(ref, update.id, update.token, {"events": sent}))
+    # A row an older pulumid wrote: large, and not compressed.
+    old = {"sequence": 2, "resOutputsEvent": {"metadata": {"old": {"outputs": outputs}}}}
+    _sync.successResultOf(
+        env.store.append_events([(update.id, [StoredEvent(2, json.dumps(old).encode())])], {})
+    )
+    stored = _sync.successResultOf(env.store.get_events(update.id, -1, 100))
+    small, large, legacy = (e.data for e in stored)
+    assert json.loads(small) == sent[0]
+    assert large[:2] == b"\x1f\x8b" and len(large) < 1024  # 16 KB of text in under 1 KB
+    assert legacy[:1] == b"{"
+    events, _token = ok(env.backend.get_events(ref, update.id, None))
+    assert [json.loads(e.data) for e in events] == [*sent, old]
 
 
 def test_events_of_a_running_update_keep_a_token(env: Env) -> None:
