@@ -294,7 +294,9 @@ class Backend:
             if update is not None and update.status == "running":
                 # Progress that cannot be built: what version N holds is the last good.
                 current, _failure = await self._built(update, self.inflight.current_state)
-                if current is not None:
+                # An update that ended while its progress was read from the store may have
+                # had its journal or deltas deleted under the read: what it left is stored.
+                if current is not None and await self._still_running(update.id):
                     return current
         if version is not None:
             if version < 1 or version > stack.version:
@@ -307,6 +309,10 @@ class Backend:
         if state is None:
             return StateBlob(deployments.gzip_blocking(deployments.EMPTY_DEPLOYMENT), 0)
         return state
+
+    async def _still_running(self, update_id: str) -> bool:
+        update = await self.store.get_update(update_id)
+        return update is not None and update.status == "running"
 
     @traced("engine.import_state")
     async def import_state(self, ref: StackRef, body: bytes) -> str:

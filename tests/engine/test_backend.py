@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from pulumid.auth.tokens import hash_token
 from pulumid.config import Config
 from pulumid.engine import deployments
 from pulumid.engine.backend import Backend, continuation_token, parse_continuation
@@ -324,6 +325,45 @@ def test_create_validation(env: Env) -> None:
     fails(env.backend.create_stack("nobody", "web", {"stackName": "s"}), NotFound)
     env.create()
     fails(env.backend.create_stack(ORG, "web", {"stackName": "dev"}), Conflict)
+
+
+def test_an_export_racing_the_end_of_an_update_serves_what_it_left(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The export of a running journaling update rebuilds its progress from the store; if the
+    # update ends between the journal's length and its read, the journal is deleted under
+    # the read. The answer must then be the state the update left, not its bare base.
+    ref = env.create()
+    update_id = ok(env.backend.create_update(ref, "update", {"options": {}, "name": "web"}))
+    update = ok(env.backend.start_update(ref, update_id, {"journalVersion": 1}, "3.259"))
+    token = update.token
+    state = {"urn": "urn:pulumi:dev::web::test:index:Item::a", "custom": True, "type": "t"}
+    entries = [
+        {"version": 1, "kind": 0, "sequenceID": 1, "operationID": 1},
+        {"version": 1, "kind": 1, "sequenceID": 2, "operationID": 1, "state": state},
+    ]
+    body = json.dumps({"entries": entries}).encode()
+    ok(env.backend.journal_entries(ref, update_id, token, body, body))
+    env.backend.inflight.forget(update_id)  # another node's update: nothing cached here
+    read_journal = env.store.get_journal
+
+    def ends_first(update_id: str, after: int = 0) -> Deferred[list[bytes]]:
+        # Another node ends the update here: it builds the final state and commits it,
+        # which deletes the journal.
+        monkeypatch.setattr(env.store, "get_journal", read_journal)
+        other = InFlight(env.store, InlineRunner(), env.clock, env.backend.config.max_body_size)
+        final = ok(other.finish(update))
+        _sync.successResultOf(
+            env.store.complete_update(
+                update_id, hash_token(token), env.clock.seconds(), "succeeded", 10, final, None
+            )
+        )
+        return read_journal(update_id, after)
+
+    monkeypatch.setattr(env.store, "get_journal", ends_first)
+    resources = exported(env, ref)["deployment"].get("resources") or []
+    assert [r["urn"] for r in resources] == [state["urn"]]
+    assert env.status(update_id) == "succeeded"
 
 
 def test_create_with_state_exports_it(env: Env) -> None:
