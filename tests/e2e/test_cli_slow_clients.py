@@ -100,10 +100,12 @@ def test_slow_clients_do_not_stop_an_update(
         attacker.join(30)
     # The attack went on while the CLI ran: replacements were dropped in turn.
     assert dropped_during > 0, (dropped_during, attack.refused)
-    # Every slow connection was dropped within its header deadline (plus the attacker's 1 s
-    # polling, its pass over 500 sockets under load, and a margin), and none was refused:
-    # 50 per address is under the cap.
-    assert max(attack.lifetimes) < HEADER_TIMEOUT + 4, max(attack.lifetimes)
+    # Every slow connection was dropped within its header deadline, and none was refused:
+    # 50 per address is under the cap. The lifetimes are the attacker's view: they add its
+    # 1 s polling and its passes over 500 sockets, which reconnect one at a time (a loaded CI
+    # machine saw 7.2 s once), hence the margin; without a deadline a connection would live
+    # until the idle timeout (120 s).
+    assert max(attack.lifetimes) < HEADER_TIMEOUT + 6, max(attack.lifetimes)
     assert attack.refused == 0
     # Connections hold no threads: the daemon's thread count is its pools', not 500.
     assert threads_under_attack < 40, threads_under_attack
