@@ -15,7 +15,6 @@ from pulumid.api.http import (
     parse_json,
     raw_json_response,
     read_body,
-    read_json,
     read_wire,
 )
 from pulumid.auth.access import UPDATE_TOKEN, stack
@@ -161,8 +160,9 @@ class UpdateRoutes(Routes):
         self, request: IRequest, org: str, project: str, stack: str, kind: str, update_id: str
     ) -> bytes:
         ref, token, lease = await self._leased(request, org, project, stack, update_id)
-        body = await read_json(request, self.cpu, self.config.max_body_size)
-        await self.backend.post_events(ref, update_id, token, {"events": [body]}, lease)
+        raw = await read_body(request, self.cpu, self.config.max_body_size)
+        body = await parse_json(raw, self.cpu)
+        await self.backend.post_events(ref, update_id, token, {"events": [body]}, lease, len(raw))
         return no_content(request)
 
     @route(f"{UPDATE}/events", "GET", stack(Role.READ), answer=shapes.EVENTS)

@@ -296,8 +296,10 @@ class Backend:
                 current, _failure = await self._built(update, self.inflight.current_state)
                 # An update that ended while its progress was read from the store may have
                 # had its journal or deltas deleted under the read: what it left is stored.
-                if current is not None and await self._still_running(update.id):
-                    return current
+                if current is not None:
+                    if await self._still_running(update.id):
+                        return current
+                    self.inflight.forget(update.id)  # rebuilt for an update that has ended
         if version is not None:
             if version < 1 or version > stack.version:
                 raise NotFound(f"Not Found: stack '{ref}' has no version {version}")

@@ -32,7 +32,8 @@ MAX_SEQUENCE = 2**63 - 1
 # Events this long or longer are stored gzipped (shorter ones gain little or nothing).
 COMPRESS_FROM = 1024
 GZIP_MAGIC = b"\x1f\x8b"
-# What a stored event may inflate to: it arrived in a request body at most this large.
+# What a stored event may inflate to: a bound on the read, not a request limit (events kept
+# from before a lower --max-body-size must still read).
 MAX_EVENT_BYTES = 1 << 31
 
 

@@ -364,6 +364,7 @@ def test_an_export_racing_the_end_of_an_update_serves_what_it_left(
     resources = exported(env, ref)["deployment"].get("resources") or []
     assert [r["urn"] for r in resources] == [state["urn"]]
     assert env.status(update_id) == "succeeded"
+    assert update_id not in env.backend.inflight.journals  # nothing kept for an ended update
 
 
 def test_create_with_state_exports_it(env: Env) -> None:
